@@ -1,0 +1,58 @@
+"""Batched text-to-image generation where each image depends only on its own seed."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Any, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from ldm.models.latent_diffusion import LatentDiffusion
+
+
+def seeded_noise(shape: Sequence[int], seeds: Sequence[int]) -> torch.Tensor:
+    """``[len(seeds), *shape]`` standard normal noise, row k drawn from a CPU generator seeded ``seeds[k]``.
+
+    Drawn on the CPU so the same seed gives the same image on any device.
+    """
+    return torch.stack([torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+
+
+@torch.no_grad()
+def generate(
+    model: LatentDiffusion,
+    prompts: Sequence[str],
+    sampler: Any,
+    seeds: Sequence[int],
+    guidance_scale: float | None = 5.0,
+    height: int = 64,
+    width: int = 64,
+    batch_size: int = 8,
+    autocast: Any = None,
+    progress: bool = True,
+    decode_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Sample one image per ``(prompt, seed)`` pair; returns ``[N,3,H,W]`` pixels in [-1, 1] on the CPU.
+
+    The UNet may run under ``autocast`` (bf16/fp16); latents are decoded in ``decode_dtype``
+    (float32 by default: fp16 VAE decoders overflow into black images).
+    """
+    if len(prompts) != len(seeds):
+        raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
+    latent_shape = model.latent_shape(height, width)
+    outputs = []
+    batches = range(0, len(prompts), batch_size)
+    for first in tqdm(batches, desc="batches", disable=not progress or len(batches) == 1):
+        chunk_prompts = list(prompts[first : first + batch_size])
+        chunk_seeds = list(seeds[first : first + batch_size])
+        x_T = seeded_noise(latent_shape, chunk_seeds)
+        generator = torch.Generator().manual_seed(int(chunk_seeds[0]))
+        with autocast or nullcontext():
+            latents = model.sample(
+                chunk_prompts, sampler, guidance_scale=guidance_scale, x_T=x_T, generator=generator,
+                progress=progress, decode=False,
+            )
+        pixels = model.decode_latents(latents.to(decode_dtype))
+        outputs.append(pixels.float().clamp(-1, 1).cpu())
+    return torch.cat(outputs)

@@ -1,0 +1,177 @@
+"""Lightning module that trains the UNet of a :class:`LatentDiffusion` (the other parts stay frozen).
+
+Per step (DDPM Algorithm 1 on latents): ``z0 = scale * E(x)``, captions dropped to ``""`` with probability
+``p_uncond`` (this trains the unconditional branch used by classifier-free guidance), ``t ~ U{0..T-1}``,
+loss ``||target - unet(z_t, t, c)||^2`` with target eps, x0 or v. EMA weights of the UNet are kept beside
+the raw ones; they are what sampling and export use.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Mapping, Sequence
+
+import pytorch_lightning as pl
+import torch
+
+from ldm.diffusion import diffusion_loss
+from ldm.models.latent_diffusion import LatentDiffusion
+from ldm.modules.ema import EMA
+
+
+class DiffusionTrainer(pl.LightningModule):
+    """Args:
+        model: the :class:`LatentDiffusion` to train (only ``model.unet`` gets gradients).
+        learning_rate, weight_decay, betas: AdamW settings; ``warmup_steps`` of linear warm-up.
+        p_uncond: probability of replacing a caption with the empty prompt.
+        min_snr_gamma: optional min-SNR-gamma loss weighting (Hang et al. 2023).
+        ema_decay: EMA decay (``None`` disables EMA).
+        image_key, caption_key: batch keys.
+        sample_prompts: prompts for the grid sampled every ``sample_every`` steps (by the image callback).
+        sampler: sampler spec (name or mapping) for those grids; ``guidance_scale`` for them.
+    """
+
+    def __init__(
+        self,
+        model: LatentDiffusion,
+        learning_rate: float = 1e-4,
+        weight_decay: float = 0.01,
+        betas: Sequence[float] = (0.9, 0.999),
+        warmup_steps: int = 1000,
+        p_uncond: float = 0.1,
+        min_snr_gamma: float | None = None,
+        ema_decay: float | None = 0.9999,
+        image_key: str = "image",
+        caption_key: str = "caption",
+        sample_prompts: Sequence[str] = ("a red circle",),
+        sampler: Any = "ddim",
+        guidance_scale: float = 5.0,
+        sample_height: int = 64,
+        sample_width: int = 64,
+    ):
+        super().__init__()
+        if not 0.0 <= p_uncond <= 1.0:
+            raise ValueError(f"p_uncond must be in [0, 1], got {p_uncond}")
+        self.model = model
+        # Averages the wrapper, not the bare UNet, so EMA keys read model_ema.diffusion_model* as in SD checkpoints.
+        self.model_ema = EMA(model.model, decay=ema_decay) if ema_decay is not None else None
+        self.learning_rate = learning_rate
+        self.weight_decay = weight_decay
+        self.betas = tuple(betas)
+        self.warmup_steps = warmup_steps
+        self.p_uncond = p_uncond
+        self.min_snr_gamma = min_snr_gamma
+        self.image_key = image_key
+        self.caption_key = caption_key
+        self.sample_prompts = list(sample_prompts)
+        self.sampler_spec = sampler
+        self.guidance_scale = guidance_scale
+        self.sample_size = (sample_height, sample_width)
+        self._caption_rng = random.Random(0)
+
+    # ---------------------------------------------------------------- data
+    def _unpack(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, list[str]]:
+        missing = [key for key in (self.image_key, self.caption_key) if key not in batch]
+        if missing:
+            raise KeyError(
+                f"batch has no {missing} key(s) (configured image_key={self.image_key!r}, "
+                f"caption_key={self.caption_key!r}); the batch has keys {sorted(batch)}"
+            )
+        images, captions = batch[self.image_key], batch[self.caption_key]
+        if isinstance(captions, str):
+            captions = [captions]
+        return images, list(captions)
+
+    def drop_captions(self, captions: list[str]) -> list[str]:
+        """Replace each caption with ``""`` with probability ``p_uncond`` (classifier-free guidance training)."""
+        return ["" if self._caption_rng.random() < self.p_uncond else caption for caption in captions]
+
+    # ---------------------------------------------------------------- training
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
+        images, captions = self._unpack(batch)
+        latents = self.model.encode_images(images)
+        with torch.no_grad():
+            context = self.model.encode_text(self.drop_captions(captions))
+        loss = diffusion_loss(
+            self.model.model_fn,
+            self.model.schedule,
+            latents,
+            cond=context,
+            parameterization=self.model.parameterization,
+            min_snr_gamma=self.min_snr_gamma,
+        )
+        self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=len(captions))
+        self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=True, prog_bar=False, batch_size=len(captions))
+        return loss
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # Here rather than in on_train_batch_end: Lightning runs the checkpoint callback's hook before the
+        # module's, so an EMA update there would be missing from the checkpoint saved at that step.
+        if self.model_ema is not None:
+            self.model_ema.update(self.model.model)
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
+        images, captions = self._unpack(batch)
+        latents = self.model.encode_images(images, sample=False)
+        context = self.model.encode_text(captions)
+        generator = torch.Generator(device=latents.device).manual_seed(batch_idx)
+        with self.ema_weights():
+            loss = diffusion_loss(
+                self.model.model_fn,
+                self.model.schedule,
+                latents,
+                cond=context,
+                parameterization=self.model.parameterization,
+                generator=generator,
+            )
+        self.log("val/loss", loss, prog_bar=True, batch_size=len(captions))
+        return loss
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(
+            self.model.unet.parameters(), lr=self.learning_rate, weight_decay=self.weight_decay, betas=self.betas
+        )
+        warmup = max(1, int(self.warmup_steps))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---------------------------------------------------------------- EMA and images
+    def ema_weights(self):
+        """Context manager: the UNet runs with EMA weights inside, raw weights are restored after."""
+        if self.model_ema is None:
+            from contextlib import nullcontext
+
+            return nullcontext()
+        return self.model_ema.average_parameters(self.model.model)
+
+    @torch.no_grad()
+    def log_images(self, batch: Mapping[str, Any] | None = None, max_images: int | None = None) -> dict[str, torch.Tensor]:
+        """Samples for the fixed prompts with the EMA weights: ``{"samples": [N,3,H,W]}`` in [-1, 1].
+
+        The same starting noise every time (seed 0), so grids from successive steps are comparable.
+        """
+        generator = torch.Generator(device="cpu").manual_seed(0)
+        height, width = self.sample_size
+        was_training = self.model.unet.training
+        self.model.unet.eval()
+        try:
+            with self.ema_weights():
+                samples = self.model.sample(
+                    self.sample_prompts[:max_images] if max_images else self.sample_prompts,
+                    self.model.build_sampler(self.sampler_spec),
+                    guidance_scale=self.guidance_scale,
+                    height=height,
+                    width=width,
+                    generator=generator,
+                    progress=False,
+                )
+        finally:
+            self.model.unet.train(was_training)
+        return {"samples": samples.clamp(-1, 1)}
+
+    def export_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole model's weights with the UNet's EMA weights in place (what sampling should use)."""
+        with self.ema_weights():
+            return {key: value.detach().clone() for key, value in self.model.state_dict().items()}
+

@@ -1,0 +1,224 @@
+"""The text-to-image latent diffusion model as one ``nn.Module`` (no training logic).
+
+Submodule names follow Stable Diffusion's checkpoint layout, so ``state_dict()`` keys are
+``model.diffusion_model.*`` (UNet), ``first_stage_model.*`` (KL autoencoder) and ``cond_stage_model.*``
+(text encoder), and a single ``.safetensors`` file with the config in its metadata rebuilds everything.
+
+Latents: ``z = scale_factor * E(x)`` with ``scale_factor = 1 / std(E(x))`` measured on the data
+(CompVis's ``scale_by_std``), so that the diffusion process sees roughly unit-variance latents.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from ldm.checkpoint import load_config_from_checkpoint, load_into, load_state_dict, read_safetensors_metadata, save_safetensors
+from ldm.diffusion import NoiseSchedule, build_sampler, classifier_free_guidance
+from ldm.util import ConfigError, instantiate_from_config, to_container
+
+CONFIG_KEYS = ("autoencoder", "text_encoder", "unet", "schedule")
+
+
+class DiffusionWrapper(nn.Module):
+    """Holds the UNet as ``diffusion_model`` (SD's key prefix ``model.diffusion_model``)."""
+
+    def __init__(self, diffusion_model: nn.Module):
+        super().__init__()
+        self.diffusion_model = diffusion_model
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        return self.diffusion_model(x, t, context=context)
+
+
+class LatentDiffusion(nn.Module):
+    """Frozen autoencoder + frozen text encoder + denoising UNet + noise schedule.
+
+    Args:
+        autoencoder: ``AutoencoderKL`` (``encode(x) -> posterior``, ``decode(z) -> x``).
+        text_encoder: maps ``list[str]`` to context ``[B, L, D]`` (``FrozenOpenCLIPEmbedder``).
+        unet: ``UNetModel`` with ``forward(x [B,C,h,w], t [B], context [B,L,D]) -> [B,C,h,w]``.
+        schedule: ``NoiseSchedule`` (betas and derived tables).
+        scale_factor: latent scale (1/std of the autoencoder's latents).
+        parameterization: what the UNet predicts: ``eps``, ``x0`` or ``v``.
+        config: the full config (``autoencoder``, ``text_encoder``, ``unet``, ``schedule`` nodes) kept for export.
+    """
+
+    def __init__(
+        self,
+        autoencoder: nn.Module,
+        text_encoder: nn.Module,
+        unet: nn.Module,
+        schedule: NoiseSchedule,
+        scale_factor: float,
+        parameterization: str = "eps",
+        config: Mapping[str, Any] | None = None,
+    ):
+        super().__init__()
+        if parameterization not in ("eps", "x0", "v"):
+            raise ValueError(f"parameterization must be 'eps', 'x0' or 'v', got {parameterization!r}")
+        if not scale_factor or not float(scale_factor) > 0:
+            raise ValueError(f"scale_factor must be a positive number, got {scale_factor!r}")
+        self.first_stage_model = autoencoder.eval().requires_grad_(False)
+        self.cond_stage_model = text_encoder
+        self.model = DiffusionWrapper(unet)
+        self.schedule = schedule
+        self.scale_factor = float(scale_factor)
+        self.parameterization = parameterization
+        self.config = to_container(config) if config is not None else None
+        self._empty_context: torch.Tensor | None = None
+
+    # ---------------------------------------------------------------- building
+    @classmethod
+    def from_config(
+        cls,
+        config: Mapping[str, Any],
+        autoencoder: nn.Module | None = None,
+        scale_factor: float | None = None,
+    ) -> "LatentDiffusion":
+        """Build from a config with ``autoencoder``, ``text_encoder``, ``unet``, ``schedule`` nodes.
+
+        ``scale_factor`` and ``parameterization`` are read from the config's top level unless given.
+        A pre-loaded ``autoencoder`` (e.g. a stage-one weights file) replaces the config's node.
+        """
+        config = to_container(config)
+        missing = [key for key in CONFIG_KEYS if key not in config]
+        if missing:
+            raise ConfigError(f"model config is missing node(s) {missing}; it needs {list(CONFIG_KEYS)}")
+        if autoencoder is None:
+            autoencoder = instantiate_from_config(config["autoencoder"], path="autoencoder")
+        text_encoder = instantiate_from_config(config["text_encoder"], path="text_encoder")
+        unet = instantiate_from_config(config["unet"], path="unet")
+        schedule = instantiate_from_config(config["schedule"], path="schedule")
+        scale = scale_factor if scale_factor is not None else config.get("scale_factor")
+        if scale is None:
+            raise ConfigError("model config has no 'scale_factor'; compute it with scripts/compute_scale_factor.py")
+        return cls(
+            autoencoder,
+            text_encoder,
+            unet,
+            schedule,
+            scale_factor=scale,
+            parameterization=config.get("parameterization", "eps"),
+            config={**config, "scale_factor": float(scale)},
+        )
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> "LatentDiffusion":
+        """Rebuild from one ``.safetensors`` file written by :meth:`save` (weights + config in metadata)."""
+        config = load_config_from_checkpoint(path)
+        model = cls.from_config(config)
+        load_into(model, load_state_dict(path, map_location=map_location), what=f"latent diffusion ({path})")
+        return model
+
+    def save(self, path: str | os.PathLike, dtype: torch.dtype | None = None, extra_metadata: Mapping[str, Any] | None = None) -> None:
+        """Atomically write all weights (SD key layout) and the full config to ``path``."""
+        if self.config is None:
+            raise ValueError("this model was built without a config; build it with LatentDiffusion.from_config")
+        metadata = {"scale_factor": self.scale_factor, "parameterization": self.parameterization, **(extra_metadata or {})}
+        save_safetensors(path, self.state_dict(), config=self.config, metadata=metadata, dtype=dtype)
+
+    # ---------------------------------------------------------------- the three parts
+    @property
+    def unet(self) -> nn.Module:
+        return self.model.diffusion_model
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None, sample: bool = True) -> torch.Tensor:
+        """Pixels ``[B,3,H,W]`` in [-1, 1] -> scaled latents ``[B,C,H/f,W/f]``: ``z = scale_factor * E(x)``."""
+        posterior = self.first_stage_model.encode(images)
+        z = posterior.sample(generator=generator) if sample else posterior.mode()
+        return z * self.scale_factor
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> pixels in [-1, 1] (unclamped): ``x = D(z / scale_factor)``."""
+        decoder_dtype = next(self.first_stage_model.parameters()).dtype
+        return self.first_stage_model.decode(latents.to(decoder_dtype) / self.scale_factor)
+
+    def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Prompts -> context ``[B, L, D]``."""
+        return self.cond_stage_model.encode(list(prompts))
+
+    def empty_context(self, batch_size: int) -> torch.Tensor:
+        """The empty prompt's context, computed once: the unconditional branch of guidance."""
+        if self._empty_context is None or self._empty_context.device != self.device:
+            with torch.no_grad():
+                self._empty_context = self.encode_text([""])
+        return self._empty_context.expand(batch_size, -1, -1)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    def model_fn(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        """The denoiser in the samplers' signature: ``model_fn(x_t, t, cond) -> output``."""
+        return self.model(x_t, t, context)
+
+    # ---------------------------------------------------------------- sampling
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        """Latent ``(C, h, w)`` for an image size; ``ValueError`` when the autoencoder or UNet cannot take it."""
+        channels, latent_h, latent_w = self.first_stage_model.latent_shape(height, width)
+        unet_factor = 2 ** (len(self.unet.channel_mult) - 1)
+        if latent_h % unet_factor or latent_w % unet_factor:
+            multiple = self.first_stage_model.downsampling_factor * unet_factor
+            raise ValueError(
+                f"{height}x{width} cannot be generated by this model: height and width must be multiples of "
+                f"{multiple} (the autoencoder downsamples by {self.first_stage_model.downsampling_factor}, "
+                f"the UNet by {unet_factor})"
+            )
+        return channels, latent_h, latent_w
+
+    @torch.no_grad()
+    def sample(
+        self,
+        prompts: Sequence[str],
+        sampler: Any,
+        guidance_scale: float | None = 5.0,
+        height: int = 64,
+        width: int = 64,
+        generator: torch.Generator | None = None,
+        x_T: torch.Tensor | None = None,
+        progress: bool = True,
+        callback: Callable | None = None,
+        decode: bool = True,
+        context: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Text -> images ``[B,3,H,W]`` in [-1, 1] (or latents when ``decode=False``).
+
+        ``sampler`` is an object with the shared ``.sample(model_fn, x_T, cond, generator, progress, callback)``
+        signature, or a config node / name understood by :func:`ldm.diffusion.build_sampler`.
+        Guidance: ``eps = eps(x, t, "") + s * (eps(x, t, prompt) - eps(x, t, ""))`` in one batched call.
+        """
+        if isinstance(sampler, (str, Mapping)):
+            sampler = self.build_sampler(sampler)
+        device = self.device
+        batch = len(prompts)
+        if context is None:
+            context = self.encode_text(prompts)
+        context = context.to(device)
+        if x_T is None:
+            shape = (batch, *self.latent_shape(height, width))
+            x_T = torch.randn(shape, generator=generator, device=generator.device if generator else device)
+        x_T = x_T.to(device=device, dtype=next(self.unet.parameters()).dtype)
+        if guidance_scale is None or guidance_scale == 1.0:
+            model_fn, cond = self.model_fn, context
+        else:
+            model_fn = classifier_free_guidance(self.model_fn, guidance_scale)
+            cond = (context, self.empty_context(batch).to(context.dtype))
+        latents = sampler.sample(model_fn, x_T, cond=cond, generator=generator, progress=progress, callback=callback)
+        return self.decode_latents(latents) if decode else latents
+
+    def build_sampler(self, spec: str | Mapping[str, Any], **overrides: Any) -> Any:
+        """A sampler for this model's schedule and parameterization from a name or ``{name, ...}`` mapping."""
+        if isinstance(spec, str):
+            spec = {"name": spec}
+        spec = dict(to_container(spec))
+        name = spec.pop("name")
+        spec.update(overrides)
+        spec.setdefault("parameterization", self.parameterization)
+        return build_sampler(name, self.schedule, **spec)
+

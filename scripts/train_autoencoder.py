@@ -1,0 +1,206 @@
+"""Train the KL autoencoder (Stable Diffusion's first stage) and write its weights with the latent scale factor.
+
+    python scripts/train_autoencoder.py --config configs/autoencoder/shapes-kl-f4.yaml \
+        [--data DIR] [--max-steps N] [--max-minutes M] [--resume PATH] [--run-dir DIR] [key=value ...]
+
+The run folder (default ``runs/<config name>-<time>/``) receives ``config.yaml``, Lightning checkpoints
+(``checkpoints/last.ckpt`` resumes with ``--resume``), reconstruction grids (inputs over reconstructions,
+``images/reconstruction_step<N>.png``), scalar logs (``logs/version_<N>/metrics.csv``, TensorBoard when installed) and
+``autoencoder.safetensors``: the ``AutoencoderKL`` state dict with the model config, the data config and the
+latent ``scale_factor`` (1 / std of posterior samples) in its metadata, read by ``autoencoder.load_autoencoder``.
+
+``--data DIR`` trains on a folder of images (``ldm.data.image_folder.CaptionedImageFolder``; ``DIR/train`` and
+``DIR/validation`` are used when present) instead of the config's dataset. Trailing ``key=value`` items override
+the config (e.g. ``lightning.precision=bf16-mixed``).
+
+Config sections: ``model`` (target + params of ``autoencoder.lightning.AutoencoderKLTraining``; optional
+``base_learning_rate`` scaled by the batch size when ``lightning.scale_lr`` is true, as CompVis does),
+``data`` (``params.batch_size``, ``params.num_workers``, ``params.train``/``params.validation`` dataset nodes) and
+``lightning`` (max_steps, max_minutes, precision, log_every, image_every, checkpoint_every, val_every,
+limit_val_batches, seed, scale_factor_batches, accelerator).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import logging
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+from autoencoder.io import save_autoencoder  # noqa: E402
+from autoencoder.losses import PerceptualWeightsUnavailable  # noqa: E402
+from autoencoder.scale import latent_statistics  # noqa: E402
+from ldm.training import (  # noqa: E402
+    build_dataloaders,
+    build_trainer,
+    find_resume_checkpoint,
+    make_run_dir,
+    save_run_config,
+    steps_summary,
+)
+from ldm.util import instantiate_from_config, load_config, to_container  # noqa: E402
+
+log = logging.getLogger("train_autoencoder")
+WEIGHTS_NAME = "autoencoder.safetensors"
+IMAGE_FOLDER_TARGET = "ldm.data.image_folder.CaptionedImageFolder"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=None, help="configs/autoencoder/<name>.yaml (default with --resume: the run's config.yaml)")
+    parser.add_argument("--data", default=None, help="train on this image folder instead of the config's dataset")
+    parser.add_argument("--max-steps", type=int, default=None, help="override lightning.max_steps")
+    parser.add_argument("--max-minutes", type=float, default=None, help="stop after this much training time")
+    parser.add_argument("--resume", default=None, help="a Lightning checkpoint or a run folder (uses checkpoints/last.ckpt)")
+    parser.add_argument("--run-dir", default=None, help="default: runs/<config name>-<time> (or the resumed run)")
+    parser.add_argument("overrides", nargs="*", help="config overrides as a dotlist, e.g. lightning.precision=bf16-mixed")
+    return parser.parse_args(argv)
+
+
+def data_section(data_config) -> dict:
+    """The dict holding ``train``/``validation``/``batch_size`` (``data.params`` or ``data`` itself)."""
+    data = to_container(data_config) or {}
+    return data["params"] if isinstance(data.get("params"), dict) else data
+
+
+def image_folder_nodes(root: str, size: int) -> dict:
+    """Dataset nodes for a folder of images: random crops + flips to train, center crops to validate.
+
+    ``root/train`` and ``root/validation`` (or ``root/val``) are used when they exist; otherwise the whole
+    folder serves both (the validation numbers are then not held out).
+    """
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"--data: not a directory: {root}")
+    train_root, val_root = root, root
+    if os.path.isdir(os.path.join(root, "train")):
+        train_root = os.path.join(root, "train")
+        for name in ("validation", "val"):
+            if os.path.isdir(os.path.join(root, name)):
+                val_root = os.path.join(root, name)
+                break
+        else:
+            val_root = train_root
+    return {
+        "train": {"target": IMAGE_FOLDER_TARGET,
+                  "params": {"root": train_root, "size": size, "crop": "random", "flip": True}},
+        "validation": {"target": IMAGE_FOLDER_TARGET,
+                       "params": {"root": val_root, "size": size, "crop": "center", "flip": False}},
+    }
+
+
+def image_size(config) -> int:
+    train = data_section(config.get("data")).get("train") or {}
+    size = (train.get("params") or {}).get("size")
+    return int(size) if size else int(config.model.params.ddconfig.resolution)
+
+
+def apply_learning_rate(config) -> float:
+    """CompVis: ``lr = base_learning_rate * batch_size`` (one device, no accumulation) when ``lightning.scale_lr``."""
+    params = config.model.params
+    base = config.model.get("base_learning_rate")
+    if base is None:
+        if params.get("learning_rate") is None:
+            raise ValueError("model.params.learning_rate or model.base_learning_rate must be set")
+        return float(params.learning_rate)
+    lr = float(base)
+    if config.get("lightning", {}).get("scale_lr", False):
+        lr *= int(data_section(config.data).get("batch_size", 16))
+    params.learning_rate = lr
+    return lr
+
+
+def main(argv=None) -> str:
+    """Train; returns the path of the written ``autoencoder.safetensors``."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    resume_ckpt = None
+    if args.resume:
+        resume_ckpt, resumed_run = find_resume_checkpoint(args.resume)
+        if args.config is None:
+            args.config = os.path.join(resumed_run, "config.yaml")
+    if args.config is None:
+        raise SystemExit("error: --config is required (or --resume a run folder that has config.yaml)")
+    config = load_config(args.config, overrides=args.overrides)
+    for section in ("model", "data"):
+        if section not in config:
+            raise SystemExit(f"error: {args.config} has no '{section}' section")
+    if "lightning" not in config:
+        config.lightning = {}
+    if args.data:
+        nodes = image_folder_nodes(args.data, image_size(config))
+        target = config.data.params if "params" in config.data else config.data
+        target.train = nodes["train"]
+        target.validation = nodes["validation"]
+    if args.max_steps is not None:
+        config.lightning.max_steps = args.max_steps
+    if args.max_minutes is not None:
+        config.lightning.max_minutes = args.max_minutes
+    lr = apply_learning_rate(config)
+
+    lcfg = config.lightning
+    seed = int(lcfg.get("seed", 0))
+    import pytorch_lightning as pl
+
+    pl.seed_everything(seed, workers=True, verbose=False)
+    name = os.path.splitext(os.path.basename(args.config))[0]
+    if args.resume and name == "config":
+        name = os.path.basename(os.path.normpath(str(resumed_run)))
+    run_dir = make_run_dir(args.run_dir, name, resume_ckpt)
+
+    try:
+        module = instantiate_from_config(config.model, path="model")
+    except PerceptualWeightsUnavailable as error:
+        raise SystemExit(f"error: {error}") from None
+    save_run_config(run_dir, config)
+    train_loader, val_loader = build_dataloaders(config.data, seed=seed)
+
+    max_minutes = lcfg.get("max_minutes")
+    trainer = build_trainer(
+        run_dir,
+        max_steps=int(lcfg.get("max_steps", 10000)),
+        log_every=int(lcfg.get("log_every", 50)),
+        checkpoint_every=int(lcfg.get("checkpoint_every", 1000)),
+        precision=str(lcfg.get("precision", "32-true")),
+        accelerator=str(lcfg.get("accelerator", "auto")),
+        image_every=lcfg.get("image_every", 500),
+        val_every=lcfg.get("val_every") if val_loader is not None else None,
+        limit_val_batches=lcfg.get("limit_val_batches", 1.0),
+        max_time=dt.timedelta(minutes=float(max_minutes)) if max_minutes else None,
+    )
+    log.info("run folder %s; learning rate %.3g; %d parameters", run_dir, lr,
+             sum(p.numel() for p in module.autoencoder.parameters()))
+    trainer.fit(module, train_loader, val_loader, ckpt_path=str(resume_ckpt) if resume_ckpt else None)
+    trainer.save_checkpoint(str(run_dir / "checkpoints" / "last.ckpt"), weights_only=False)
+    log.info("training: %s", steps_summary(trainer.step_timer))
+
+    autoencoder = module.autoencoder.to("cpu").eval()
+    stats = latent_statistics(
+        autoencoder, train_loader, num_batches=int(lcfg.get("scale_factor_batches", 8)),
+        generator=torch.Generator().manual_seed(seed),
+    )
+    print(f"latent mean {stats.mean:.5f}  std {stats.std:.5f}  -> scale_factor {stats.scale_factor:.5f} "
+          f"({stats.count} latent values)")
+    weights = run_dir / WEIGHTS_NAME
+    save_autoencoder(
+        weights, autoencoder, scale_factor=stats.scale_factor,
+        metadata={
+            "data_config": to_container(config.data),
+            "latent_mean": repr(stats.mean),
+            "latent_std": repr(stats.std),
+            "global_step": str(trainer.global_step),
+            "steps_per_second": repr(trainer.step_timer.steps_per_second),
+        },
+    )
+    print(f"trained {steps_summary(trainer.step_timer)}; weights: {weights}")
+    return str(weights)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""Train the text-conditioned UNet on the latents of a frozen, trained autoencoder.
+
+    python scripts/train_diffusion.py --config configs/latent-diffusion/shapes.yaml \
+        --autoencoder runs/ae/model.safetensors [--data DIR] [--max-steps N] [--resume PATH]
+
+The run folder holds ``config.yaml``, Lightning checkpoints (``checkpoints/last.ckpt`` resumes), sample
+grids for the config's fixed prompts (``images/``), scalar logs (``logs/``) and the final EMA weights as
+``model.safetensors`` with the full config (autoencoder, text encoder, UNet, schedule) in its metadata:
+that one file is all ``scripts/txt2img.py`` needs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import pytorch_lightning as pl  # noqa: E402
+import torch  # noqa: E402
+
+from autoencoder import load_autoencoder  # noqa: E402
+from ldm.checkpoint import load_config_from_checkpoint  # noqa: E402
+from ldm.models.diffusion_trainer import DiffusionTrainer  # noqa: E402
+from ldm.models.latent_diffusion import LatentDiffusion  # noqa: E402
+from ldm.training import (  # noqa: E402
+    build_dataloaders,
+    build_trainer,
+    find_resume_checkpoint,
+    make_run_dir,
+    save_run_config,
+)
+from ldm.util import ConfigError, instantiate_from_config, load_config, to_container  # noqa: E402
+
+log = logging.getLogger("train_diffusion")
+TOP_LEVEL_KEYS = {"model", "trainer", "data", "lightning"}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="configs/latent-diffusion/<name>.yaml")
+    parser.add_argument("--autoencoder", required=True, help="stage-one weights (.safetensors with scale_factor)")
+    parser.add_argument("--data", default=None, help="a captioned image folder instead of the config's dataset")
+    parser.add_argument("--max-steps", type=int, default=None)
+    parser.add_argument("--resume", default=None, help="a Lightning checkpoint (e.g. <run>/checkpoints/last.ckpt)")
+    parser.add_argument("--run-dir", default=None, help="default: runs/<config name>-<time>")
+    parser.add_argument("overrides", nargs="*", help="config overrides as dotlist, e.g. trainer.params.learning_rate=1e-4")
+    return parser.parse_args(argv)
+
+
+def check_config(config) -> None:
+    unknown = sorted(set(config) - TOP_LEVEL_KEYS)
+    if unknown:
+        raise ConfigError(f"unknown top-level config key(s) {unknown}; expected {sorted(TOP_LEVEL_KEYS)}")
+    for key in ("model", "trainer", "data"):
+        if key not in config:
+            raise ConfigError(f"config has no '{key}' section")
+
+
+def build_model(model_config: dict, autoencoder_path: str) -> LatentDiffusion:
+    """The frozen stage-one autoencoder (with its stored scale factor) + text encoder + UNet + schedule."""
+    autoencoder, scale_factor = load_autoencoder(autoencoder_path)  # no stored scale factor: a clear error
+    full = {**model_config, "autoencoder": load_config_from_checkpoint(autoencoder_path)}
+    return LatentDiffusion.from_config(full, autoencoder=autoencoder, scale_factor=scale_factor)
+
+
+def main(argv=None) -> str:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    config = load_config(args.config, overrides=args.overrides)
+    check_config(config)
+    if args.data:
+        data = config.data.params if "params" in config.data else config.data
+        data.train = {
+            "target": "ldm.data.image_folder.CaptionedImageFolder",
+            "params": {"root": args.data, "size": config.model.get("image_size", 64), "crop": "random", "flip": False},
+        }
+        data.pop("validation", None)
+    lightning_cfg = config.get("lightning", {})
+    max_steps = args.max_steps or lightning_cfg.get("max_steps", 10000)
+
+    name = os.path.splitext(os.path.basename(args.config))[0]
+    run_dir = make_run_dir(args.run_dir, name, args.resume)
+    pl.seed_everything(lightning_cfg.get("seed", 0))  # the frozen random text tower depends on it
+    model = build_model(to_container(config.model), args.autoencoder)
+    module = instantiate_from_config(config.trainer, path="trainer", model=model)
+    save_run_config(run_dir, config)
+    resume_from = find_resume_checkpoint(args.resume)[0] if args.resume else None
+
+    train_loader, val_loader = build_dataloaders(config.data)
+    trainer = build_trainer(
+        run_dir,
+        max_steps=max_steps,
+        log_every=lightning_cfg.get("log_every", 50),
+        checkpoint_every=lightning_cfg.get("checkpoint_every", 1000),
+        image_every=lightning_cfg.get("image_every", 1000),
+        val_every=lightning_cfg.get("val_every", None),
+        precision=lightning_cfg.get("precision", "32-true"),
+        max_images=lightning_cfg.get("max_images", 8),
+        limit_val_batches=lightning_cfg.get("limit_val_batches", 1.0),
+    )
+    start = time.perf_counter()
+    trainer.fit(module, train_loader, val_loader, ckpt_path=resume_from)
+    minutes = (time.perf_counter() - start) / 60
+
+    weights = os.path.join(run_dir, "model.safetensors")
+    export_dtype = getattr(torch, lightning_cfg.get("export_dtype", "float32"))
+    with module.ema_weights():  # sampling and export use the EMA weights
+        model.save(weights, dtype=export_dtype, extra_metadata={"global_step": trainer.global_step})
+    log.info("trained %d steps in %.1f min; EMA weights written to %s", trainer.global_step, minutes, weights)
+    return weights
+
+
+if __name__ == "__main__":
+    main()

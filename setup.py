@@ -1,0 +1,41 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="latent-diffusion-lab",
+    version="0.1.0",
+    description="Latent diffusion (Stable Diffusion's system) to train, sample and ablate: KL-VAE + text-conditioned UNet.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=find_packages(include=["ldm", "ldm.*", "autoencoder", "autoencoder.*"]),
+    package_data={"ldm": ["assets/*.safetensors", "assets/*.json", "configs/*.yaml"]},
+    include_package_data=True,
+    install_requires=[
+        "torch>=2.1",
+        "torchvision>=0.16",
+        "open_clip_torch>=2.20",
+        "einops>=0.6",
+        "lpips>=0.1.4",
+        "pytorch-lightning>=2.0",
+        "omegaconf>=2.3",
+        "safetensors>=0.4",
+        "tqdm>=4.60",
+        "torchmetrics>=1.0",
+        "pillow>=9.0",
+        "numpy>=1.23",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "pytest-timeout>=2", "scikit-image>=0.20", "psutil>=5"],
+        "gpu": ["xformers>=0.0.23"],
+        "bench": ["diffusers>=0.25", "psutil>=5"],
+        "plots": ["matplotlib>=3.5"],
+        "tensorboard": ["tensorboard>=2.10"],
+    },
+    entry_points={
+        "console_scripts": [
+            "ldm-train-autoencoder=scripts.train_autoencoder:main",
+            "ldm-train-diffusion=scripts.train_diffusion:main",
+            "ldm-txt2img=scripts.txt2img:main",
+        ]
+    },
+)

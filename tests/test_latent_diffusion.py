@@ -1,0 +1,182 @@
+"""The composed text-to-image model, its training module and script, and txt2img, on tiny models."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from ldm.checkpoint import read_safetensors_metadata
+from ldm.models.diffusion_trainer import DiffusionTrainer
+from ldm.models.latent_diffusion import LatentDiffusion
+from ldm.util import load_config, to_container
+from scripts import train_diffusion, txt2img
+from tests.helpers import TinyCaptionedImages, make_tiny_autoencoder_file
+
+CONFIG = os.path.join(os.path.dirname(__file__), "configs", "tiny-diffusion.yaml")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def autoencoder_file(tmp_path_factory):
+    return make_tiny_autoencoder_file(tmp_path_factory.mktemp("ae") / "autoencoder.safetensors", scale_factor=0.7)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, autoencoder_file):
+    """Run the real training script for 4 steps; returns (weights path, run dir)."""
+    run_dir = tmp_path_factory.mktemp("run")
+    weights = train_diffusion.main(["--config", CONFIG, "--autoencoder", autoencoder_file, "--run-dir", str(run_dir)])
+    return weights, run_dir
+
+
+def build_tiny_model(autoencoder_file) -> LatentDiffusion:
+    torch.manual_seed(0)
+    return train_diffusion.build_model(to_container(load_config(CONFIG).model), autoencoder_file)
+
+
+def test_state_dict_follows_stable_diffusion_prefixes(autoencoder_file):
+    model = build_tiny_model(autoencoder_file)
+    prefixes = {key.split(".")[0] for key in model.state_dict()}
+    assert prefixes == {"model", "first_stage_model", "cond_stage_model"}
+    assert any(key.startswith("model.diffusion_model.input_blocks.0.0.") for key in model.state_dict())
+    assert model.scale_factor == pytest.approx(0.7)
+
+
+def test_latents_are_scaled_autoencoder_latents(autoencoder_file):
+    model = build_tiny_model(autoencoder_file)
+    images = TinyCaptionedImages(2)[0]["image"][None]
+    expected = model.first_stage_model.encode(images).mode() * 0.7
+    torch.testing.assert_close(model.encode_images(images, sample=False), expected)
+    torch.testing.assert_close(model.decode_latents(expected), model.first_stage_model.decode(expected / 0.7))
+
+
+def test_training_steps_lower_the_loss_on_a_fixed_batch(autoencoder_file):
+    from ldm.diffusion import diffusion_loss
+
+    model = build_tiny_model(autoencoder_file)
+    module = DiffusionTrainer(model, learning_rate=2e-3, warmup_steps=1, p_uncond=0.0, ema_decay=None)
+    data = TinyCaptionedImages(8)
+    images = torch.stack([data[i]["image"] for i in range(8)])
+    captions = [data[i]["caption"] for i in range(8)]
+    latents = model.encode_images(images, sample=False)
+    context = model.encode_text(captions)
+    t = torch.randint(0, 100, (8,), generator=torch.Generator().manual_seed(1))
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(2))
+
+    def fixed_loss():
+        return diffusion_loss(model.model_fn, model.schedule, latents, cond=context, noise=noise, t=t)
+
+    optimizer = module.configure_optimizers()["optimizer"]
+    with torch.no_grad():
+        before = fixed_loss().item()
+    for _ in range(25):
+        optimizer.zero_grad()
+        fixed_loss().backward()
+        optimizer.step()
+    with torch.no_grad():
+        after = fixed_loss().item()
+    assert after < 0.7 * before, (before, after)
+    frozen = [p for name, p in model.named_parameters() if not name.startswith("model.diffusion_model")]
+    assert frozen and all(p.grad is None for p in frozen)
+
+
+def test_batch_without_configured_keys_names_the_keys_it_has(autoencoder_file):
+    module = DiffusionTrainer(build_tiny_model(autoencoder_file), ema_decay=None)
+    with pytest.raises(KeyError, match=r"'pixels'.*'text'"):
+        module.training_step({"pixels": torch.zeros(1, 3, 16, 16), "text": ["x"]}, 0)
+
+
+def test_caption_dropout_rate(autoencoder_file):
+    module = DiffusionTrainer(build_tiny_model(autoencoder_file), p_uncond=0.25, ema_decay=None)
+    dropped = module.drop_captions(["a red circle"] * 20000)
+    rate = dropped.count("") / len(dropped)
+    assert abs(rate - 0.25) < 4 * (0.25 * 0.75 / 20000) ** 0.5
+
+
+def test_script_writes_run_folder_and_one_file_rebuilds_the_model(trained):
+    weights, run_dir = trained
+    assert os.path.isfile(run_dir / "config.yaml")
+    assert os.path.isfile(run_dir / "checkpoints" / "last.ckpt")
+    assert any(name.startswith("samples_step") for name in os.listdir(run_dir / "images"))
+    model = LatentDiffusion.from_checkpoint(weights)
+    assert set(model.config) >= {"autoencoder", "text_encoder", "unet", "schedule", "scale_factor"}
+    assert model.scale_factor == pytest.approx(0.7)
+
+
+def test_exported_unet_is_the_ema_copy_and_checkpoint_holds_one_of_each(trained):
+    weights, run_dir = trained
+    exported = load_file(weights)
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    key = "model.diffusion_model.out.2.weight"
+    ema_keys = [k for k in checkpoint if k.startswith("model_ema.") and k.endswith("diffusion_modelout2weight")]
+    assert len(ema_keys) == 1, ema_keys
+    raw, ema = checkpoint["model." + key], checkpoint[ema_keys[0]]
+    assert not torch.equal(raw, ema)  # after 4 steps at decay <= 0.99 they differ
+    torch.testing.assert_close(exported[key], ema)
+    assert sum(k.endswith(".out.2.weight") and "diffusion_model" in k for k in checkpoint) == 1
+
+
+def test_resume_continues_the_step_count(trained, autoencoder_file):
+    weights, run_dir = trained
+    resumed = train_diffusion.main(
+        ["--config", CONFIG, "--autoencoder", autoencoder_file, "--resume", str(run_dir / "checkpoints" / "last.ckpt"),
+         "--max-steps", "6"]
+    )
+    assert int(read_safetensors_metadata(resumed)["global_step"]) == 6
+
+
+def test_txt2img_writes_pngs_with_metadata_and_is_reproducible(trained, tmp_path):
+    weights, _ = trained
+    args = ["--prompt", "a red square", "--ckpt", weights, "--steps", "3", "--seed", "7", "--n-samples", "2",
+            "--no-progress"]
+    first = txt2img.main(args + ["--outdir", str(tmp_path / "a")])
+    second = txt2img.main(args + ["--outdir", str(tmp_path / "b")])
+    assert len(first) == 2 and os.path.isfile(tmp_path / "a" / "grid.png")
+    image = Image.open(first[0])
+    assert image.size == (16, 16)
+    assert image.text["prompt"] == "a red square"
+    assert json.loads(image.text["parameters"])["seed"] == 7
+    for a, b in zip(first, second):
+        assert (torch.tensor(list(Image.open(a).getdata())) == torch.tensor(list(Image.open(b).getdata()))).all()
+    other = txt2img.main(["--prompt", "a red square", "--ckpt", weights, "--steps", "3", "--seed", "8",
+                          "--no-progress", "--outdir", str(tmp_path / "c")])
+    assert list(Image.open(other[0]).getdata()) != list(Image.open(first[0]).getdata())
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--height", "10"], "multiples of 4"),
+        (["--sampler", "plms"], "unknown sampler"),
+        (["--precision", "fp16", "--device", "cpu"], "fp16 needs a CUDA device"),
+    ],
+)
+def test_txt2img_rejects_bad_settings_before_work(trained, tmp_path, flags, message):
+    weights, _ = trained
+    with pytest.raises(SystemExit, match=message):
+        txt2img.main(["--prompt", "x", "--ckpt", weights, "--outdir", str(tmp_path)] + flags)
+    assert not os.path.exists(tmp_path / "grid.png")
+
+
+def test_checkpoint_that_does_not_fit_its_config_is_refused(trained, tmp_path):
+    from ldm.checkpoint import load_state_dict, save_safetensors
+
+    weights, _ = trained
+    state = load_state_dict(weights)
+    state.pop("model.diffusion_model.out.2.bias")
+    broken = tmp_path / "broken.safetensors"
+    save_safetensors(broken, state, metadata=read_safetensors_metadata(weights))
+    with pytest.raises(ValueError, match=r"does not fit.*out\.2\.bias"):
+        LatentDiffusion.from_checkpoint(broken)
