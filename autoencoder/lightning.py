@@ -13,10 +13,16 @@ Recipe (CompVis kl-f8): ``learning_rate = 4.5e-6 * batch_size`` (CompVis scales 
 and GPU count), Adam betas (0.5, 0.9) for both optimizers, ``kl_weight=1e-6``, ``disc_start=50001``,
 ``disc_weight=0.5``. ``learn_logvar`` adds the loss's scalar log-variance to the autoencoder optimizer
 (the LDM paper's learned NLL scale; CompVis' v1 code left it fixed at ``logvar_init``, i.e. ``learn_logvar=False``).
+
+``ema_decay`` (SD's option) keeps an exponential moving average of the autoencoder weights,
+``ema <- ema + (1 - d) * (w - ema)`` with ``d = min(ema_decay, (1 + n) / (10 + n))`` after the n-th update
+(LitEma's warm-up); validation, image logging and the exported weights then use the average
+(``inference_autoencoder()``).
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Iterable, Mapping, Sequence
 
 import pytorch_lightning as pl
@@ -44,6 +50,7 @@ class AutoencoderKLTraining(pl.LightningModule):
         ckpt_path: str | None = None,
         ignore_keys: Iterable[str] = (),
         colorize_nlabels: int | None = None,
+        ema_decay: float | None = None,
     ):
         """
         Args:
@@ -54,6 +61,7 @@ class AutoencoderKLTraining(pl.LightningModule):
             learn_logvar: optimize the loss's log-variance together with the autoencoder.
             image_key: batch dict key of the images ``[B, C, H, W]`` in [-1, 1].
             monitor: metric name kept for SD config compatibility (e.g. ``val/rec_loss``).
+            ema_decay: keep an EMA of the autoencoder weights (see the module docstring); ``None``: no EMA.
         """
         super().__init__()
         if lossconfig is None:
@@ -71,6 +79,12 @@ class AutoencoderKLTraining(pl.LightningModule):
         self.learn_logvar = learn_logvar
         self.image_key = image_key
         self.monitor = monitor
+        if ema_decay is not None and not 0.0 < ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in (0, 1), got {ema_decay}")
+        self.ema_decay = ema_decay
+        if ema_decay is not None:
+            self.autoencoder_ema = copy.deepcopy(self.autoencoder).requires_grad_(False)
+            self.register_buffer("ema_num_updates", torch.tensor(0, dtype=torch.long))
 
     # ------------------------------------------------------------------------------------ helpers
 
@@ -85,6 +99,20 @@ class AutoencoderKLTraining(pl.LightningModule):
 
     def get_last_layer(self) -> torch.Tensor:
         return self.autoencoder.get_last_layer()
+
+    def inference_autoencoder(self) -> AutoencoderKL:
+        """The weights to evaluate and export: the EMA copy when ``ema_decay`` is set, else the trained module."""
+        return self.autoencoder_ema if self.ema_decay is not None else self.autoencoder
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        n = int(self.ema_num_updates) + 1
+        decay = min(self.ema_decay, (1 + n) / (10 + n))
+        for ema_p, p in zip(self.autoencoder_ema.parameters(), self.autoencoder.parameters()):
+            ema_p.lerp_(p.detach(), 1.0 - decay)
+        for ema_b, b in zip(self.autoencoder_ema.buffers(), self.autoencoder.buffers()):
+            ema_b.copy_(b)
+        self.ema_num_updates.fill_(n)
 
     def _optimizers(self):
         optimizers = self.optimizers()
@@ -121,6 +149,8 @@ class AutoencoderKLTraining(pl.LightningModule):
         opt_ae.zero_grad(set_to_none=True)
         self.manual_backward(ae_loss)
         opt_ae.step()
+        if self.ema_decay is not None:
+            self.update_ema()
         logs = dict(log_ae)
 
         if opt_disc is not None and self.loss.discriminator_active(step):
@@ -142,7 +172,7 @@ class AutoencoderKLTraining(pl.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         x = self.get_input(batch)
-        reconstructions, posterior = self.autoencoder(x, sample_posterior=False)
+        reconstructions, posterior = self.inference_autoencoder()(x, sample_posterior=False)
         _, log_ae = self.loss(x, reconstructions, posterior, 0, self.global_step, split="val")
         log_ae["val/psnr"] = psnr(x, reconstructions).mean()
         batch_size = x.shape[0]
@@ -153,9 +183,10 @@ class AutoencoderKLTraining(pl.LightningModule):
 
     @torch.no_grad()
     def log_images(self, batch, max_images: int = 8) -> dict[str, Any]:
-        """``{"reconstruction": [inputs, reconstructions]}``: a grid of inputs over their reconstructions (posterior mode)."""
+        """``{"reconstruction": [inputs, reconstructions]}``: inputs over their reconstructions (posterior mode, EMA
+        weights when kept)."""
         x = self.get_input(batch)[:max_images].to(self.device)
-        reconstructions, _ = self.autoencoder(x, sample_posterior=False)
+        reconstructions, _ = self.inference_autoencoder()(x, sample_posterior=False)
         return {"reconstruction": [x, reconstructions.clamp(-1, 1)]}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

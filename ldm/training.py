@@ -23,7 +23,7 @@ import re
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 import pytorch_lightning as pl
 import torch
@@ -289,7 +289,8 @@ class ImageGridLogger(Callback):
 
 
 class StepTimer(Callback):
-    """Wall-clock training speed: ``steps_per_second`` over the optimizer steps of this ``fit`` call."""
+    """Wall-clock training speed: ``steps_per_second`` over the optimizer steps of this ``fit`` call
+    (validation, logging and checkpointing time included)."""
 
     def __init__(self):
         super().__init__()

@@ -20,6 +20,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+import torch  # noqa: E402
+
+from ldm.models.latent_diffusion import LatentDiffusion  # noqa: E402
 from scripts import evaluate, train_autoencoder, train_diffusion, txt2img  # noqa: E402
 
 DEMO_PROMPTS = [
@@ -42,6 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--autoencoder-steps", type=int, default=None, help="override the config's max_steps")
     parser.add_argument("--diffusion-steps", type=int, default=None, help="override the config's max_steps")
     parser.add_argument("--eval-samples", type=int, default=1, help="samples per evaluation prompt (0 skips it)")
+    parser.add_argument("--export", default=None,
+                        help="also write the trained model here in float16 (how ldm/assets/demo-shapes.safetensors is made)")
     return parser.parse_args(argv)
 
 
@@ -67,6 +72,9 @@ def main(argv=None) -> dict:
         ldm_args += ["--max-steps", str(args.diffusion_steps)]
     weights = train_diffusion.main(ldm_args)
     times["diffusion (train)"] = time.perf_counter() - start
+    if args.export:
+        LatentDiffusion.from_checkpoint(weights).save(args.export, dtype=torch.float16)
+        print(f"exported float16 weights to {args.export} ({os.path.getsize(args.export) / 2**20:.1f} MiB)")
 
     start = time.perf_counter()
     prompt_file = os.path.join(args.out, "prompts.txt")

@@ -1,10 +1,15 @@
 """Prompt accuracy of a shapes text-to-image model, by category.
 
     python scripts/evaluate.py [--ckpt PATH] [--sampler ddim] [--steps 50] [--n-samples 1] [--json OUT]
+    python scripts/evaluate.py --sweep [--sweep-steps 5 10 20 50 100] [--out-dir DIR]
 
 Samples the fixed prompt set ``ldm.eval.shapes_eval.EVAL_PROMPTS`` (single object colour+shape, with
 position, two objects, unseen colour-shape pairs), scores each image with the shapes evaluator (colour,
 shape, size, position read off the pixels) and prints a markdown table of accuracies.
+
+``--sweep`` runs every sampler at several step counts (and DDPM at all of the schedule's steps) and writes
+a table and a plot of overall prompt accuracy against the number of network evaluations (one evaluation =
+one batched conditional + unconditional UNet call).
 """
 
 from __future__ import annotations
@@ -46,6 +51,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--json", default=None, help="write per-category results (and per-item scores) here")
     parser.add_argument("--grid-dir", default=None, help="save a sample grid per category here")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--sweep", action="store_true", help="every sampler at --sweep-steps; table + plot")
+    parser.add_argument("--sweep-steps", type=int, nargs="+", default=[5, 10, 20, 50, 100])
+    parser.add_argument("--sweep-samplers", nargs="+", default=None, help="default: every registered sampler")
+    parser.add_argument("--out-dir", default="outputs/sweep", help="where --sweep writes sweep.md/json/png")
     return parser.parse_args(argv)
 
 
@@ -83,6 +92,61 @@ def evaluate_model(
     return results, by_category
 
 
+def sweep(model: LatentDiffusion, args: argparse.Namespace) -> list[dict]:
+    """Accuracy against network evaluations for every sampler and step count; writes md, json and png."""
+    samplers = args.sweep_samplers or sorted(SAMPLERS)
+    runs = [(name, steps) for name in samplers if name != "ddpm" for steps in args.sweep_steps]
+    if "ddpm" in samplers:
+        runs.append(("ddpm", model.schedule.num_timesteps))
+    rows = []
+    for name, steps in runs:
+        sampler = model.build_sampler(sampler_spec(name, steps, args.eta))
+        start = time.perf_counter()
+        results, _ = evaluate_model(model, sampler, args.guidance, args.n_samples, args.seed, args.batch_size,
+                                    args.categories, progress=not args.no_progress)
+        row = {"sampler": name, "steps": steps, "nfe": sampler.num_model_evaluations,
+               "seconds": round(time.perf_counter() - start, 1), "overall": results["overall"]["accuracy"]}
+        row.update({c: r["accuracy"] for c, r in results["per_category"].items()})
+        rows.append(row)
+        log.info("%s %d steps (%d NFE): overall %.3f", name, steps, row["nfe"], row["overall"])
+    os.makedirs(args.out_dir, exist_ok=True)
+    categories = [c for c in rows[0] if c not in ("sampler", "steps", "nfe", "seconds")]
+    lines = ["| sampler | steps | NFE | " + " | ".join(categories) + " | seconds |",
+             "|---|---:|---:|" + "---:|" * len(categories) + "---:|"]
+    for row in rows:
+        cells = " | ".join(f"{100 * row[c]:.1f}" for c in categories)
+        lines.append(f"| {row['sampler']} | {row['steps']} | {row['nfe']} | {cells} | {row['seconds']} |")
+    table = "\n".join(lines)
+    print("\n" + table)
+    with open(os.path.join(args.out_dir, "sweep.md"), "w", encoding="utf-8") as handle:
+        handle.write(table + "\n")
+    with open(os.path.join(args.out_dir, "sweep.json"), "w", encoding="utf-8") as handle:
+        json.dump(rows, handle, indent=2)
+    plot_sweep(rows, os.path.join(args.out_dir, "sweep.png"))
+    return rows
+
+
+def plot_sweep(rows: list[dict], path: str) -> None:
+    """Overall accuracy (%) against network evaluations, one line per sampler, log-x."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 4), dpi=120)
+    for name in dict.fromkeys(row["sampler"] for row in rows):
+        points = sorted((row["nfe"], 100 * row["overall"]) for row in rows if row["sampler"] == name)
+        axis.plot(*zip(*points), marker="o", label=name)
+    axis.set_xscale("log")
+    axis.set_xlabel("network evaluations (log scale)")
+    axis.set_ylabel("prompt accuracy, all categories (%)")
+    axis.grid(True, alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
 def main(argv=None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
@@ -91,6 +155,8 @@ def main(argv=None) -> dict:
     if not os.path.isfile(args.ckpt):
         raise SystemExit(f"error: checkpoint not found: {args.ckpt}")
     model = LatentDiffusion.from_checkpoint(args.ckpt).eval()
+    if args.sweep:
+        return {"sweep": sweep(model, args)}
     sampler = model.build_sampler(sampler_spec(args.sampler, args.steps, args.eta))
     start = time.perf_counter()
     results, images = evaluate_model(

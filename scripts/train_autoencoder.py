@@ -180,7 +180,7 @@ def main(argv=None) -> str:
     trainer.save_checkpoint(str(run_dir / "checkpoints" / "last.ckpt"), weights_only=False)
     log.info("training: %s", steps_summary(trainer.step_timer))
 
-    autoencoder = module.autoencoder.to("cpu").eval()
+    autoencoder = module.inference_autoencoder().to("cpu").eval()  # the EMA weights when the config keeps them
     stats = latent_statistics(
         autoencoder, train_loader, num_batches=int(lcfg.get("scale_factor_batches", 8)),
         generator=torch.Generator().manual_seed(seed),

@@ -12,3 +12,24 @@ import torch
 def _seed_everything():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def autoencoder_file(tmp_path_factory):
+    """A random tiny stage-one autoencoder file with scale factor 0.7."""
+    from tests.helpers import make_tiny_autoencoder_file
+
+    return make_tiny_autoencoder_file(tmp_path_factory.mktemp("ae") / "autoencoder.safetensors", scale_factor=0.7)
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, autoencoder_file):
+    """The real diffusion training script run for 4 steps on the tiny config: (weights path, run dir)."""
+    from scripts import train_diffusion
+    from tests.helpers import TINY_DIFFUSION_CONFIG
+
+    run_dir = tmp_path_factory.mktemp("run")
+    weights = train_diffusion.main(
+        ["--config", TINY_DIFFUSION_CONFIG, "--autoencoder", autoencoder_file, "--run-dir", str(run_dir)]
+    )
+    return weights, run_dir

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch.utils.data import Dataset
+
+TINY_DIFFUSION_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "tiny-diffusion.yaml")
 
 TINY_DDCONFIG = {
     "double_z": True,

@@ -1,8 +1,6 @@
 """Autoencoder weights files: safetensors round trip with config + scale_factor, metadata rewrite, latent statistics."""
 
 import json
-import math
-import os
 
 import pytest
 import torch

@@ -174,7 +174,8 @@ def test_perceptual_weight_zero_builds_no_lpips(monkeypatch, tmp_path):
 
 
 def test_perceptual_term_enters_reconstruction_loss():
-    loss_fn = LPIPSWithDiscriminator(perceptual_weight=2.0, perceptual_backbone="random", use_discriminator=False)
+    loss_fn = LPIPSWithDiscriminator(perceptual_weight=2.0, perceptual_backbone="random", perceptual_net="squeeze",
+                                     use_discriminator=False)
     x = torch.rand(1, 3, 32, 32) * 2 - 1
     y = torch.rand(1, 3, 32, 32) * 2 - 1
     rec = loss_fn.reconstruction_loss(x, y)
@@ -189,3 +190,12 @@ def test_bad_options_are_rejected():
         LPIPSWithDiscriminator(perceptual_backbone="imagenet", perceptual_weight=1)
     with pytest.raises(ValueError, match="optimizer_idx"):
         LPIPSWithDiscriminator(perceptual_weight=0)(torch.zeros(1), torch.zeros(1), None, 2, 0)
+
+
+def test_l2_pixel_loss_option():
+    loss_fn = LPIPSWithDiscriminator(perceptual_weight=0.0, use_discriminator=False, pixel_loss="l2")
+    x = torch.rand(1, 3, 4, 4, dtype=torch.float64)
+    y = torch.rand(1, 3, 4, 4, dtype=torch.float64)
+    torch.testing.assert_close(loss_fn.reconstruction_loss(x, y), (x - y) ** 2)
+    with pytest.raises(ValueError, match="pixel_loss"):
+        LPIPSWithDiscriminator(perceptual_weight=0.0, pixel_loss="huber")

@@ -83,11 +83,11 @@ def test_manual_optimization_steps_both_networks_and_counts_batches(tmp_path):
     torch.manual_seed(0)
     module = _training_module({"disc_start": 0, "disc_weight": 0.5, "disc_ndf": 8, "disc_num_layers": 2,
                                "perceptual_weight": 0.5, "perceptual_backbone": "random",
-                               "use_discriminator": True}, size=32)
+                               "perceptual_net": "squeeze", "use_discriminator": True}, size=24)
     disc_before = [p.detach().clone() for p in module.loss.discriminator.parameters()]
     ae_before = module.autoencoder.decoder.conv_out.weight.detach().clone()
     logvar_before = module.loss.logvar.detach().clone()
-    loader = torch.utils.data.DataLoader(Blobs(4, size=32), batch_size=2)
+    loader = torch.utils.data.DataLoader(Blobs(4, size=24), batch_size=2)
     trainer = build_trainer(tmp_path / "run", max_steps=2, log_every=1, checkpoint_every=2,
                             enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(module, loader)
@@ -103,7 +103,8 @@ def test_manual_optimization_steps_both_networks_and_counts_batches(tmp_path):
 
     # resume: perceptual weights are put back from the module, the step count goes on
     resumed = _training_module({"disc_start": 0, "disc_ndf": 8, "disc_num_layers": 2, "perceptual_weight": 0.5,
-                                "perceptual_backbone": "random", "use_discriminator": True}, size=32)
+                                "perceptual_backbone": "random", "perceptual_net": "squeeze",
+                                "use_discriminator": True}, size=24)
     trainer2 = build_trainer(tmp_path / "run", max_steps=3, log_every=1, checkpoint_every=10,
                              enable_progress_bar=False, enable_model_summary=False)
     trainer2.fit(resumed, loader, ckpt_path=str(tmp_path / "run" / "checkpoints" / "last.ckpt"))
@@ -190,3 +191,30 @@ def test_train_script_stops_at_start_without_lpips_weights(tmp_path, blobs_modul
     with pytest.raises(SystemExit, match="vgg16-397923af.pth"):
         train_autoencoder.main(["--config", str(config), "--run-dir", str(tmp_path / "run"),
                                 "model.params.lossconfig.params.perceptual_weight=1.0"])
+
+
+def test_ema_weights_follow_the_litema_update(tmp_path):
+    import pytorch_lightning as pl
+
+    torch.manual_seed(0)
+    lossconfig = {"target": "autoencoder.losses.LPIPSWithDiscriminator",
+                  "params": {"perceptual_weight": 0.0, "use_discriminator": False}}
+    module = AutoencoderKLTraining(TINY, 4, lossconfig, learning_rate=1e-2, ema_decay=0.5)
+    name = "decoder.conv_out.weight"
+    history = [module.autoencoder.state_dict()[name].clone()]
+
+    class Spy(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            history.append(pl_module.autoencoder.state_dict()[name].clone())
+
+    trainer = build_trainer(tmp_path / "run", max_steps=3, log_every=1, checkpoint_every=10,
+                            enable_progress_bar=False, enable_model_summary=False, extra_callbacks=[Spy()])
+    trainer.fit(module, torch.utils.data.DataLoader(Blobs(6), batch_size=2))
+    expected = history[0].double()
+    for n, weight in enumerate(history[1:], start=1):
+        decay = min(0.5, (1 + n) / (10 + n))
+        expected = expected + (1 - decay) * (weight.double() - expected)
+    torch.testing.assert_close(module.autoencoder_ema.state_dict()[name].double(), expected, rtol=1e-6, atol=1e-7)
+    assert not torch.equal(module.autoencoder_ema.state_dict()[name], history[-1])
+    assert module.inference_autoencoder() is module.autoencoder_ema
+    assert int(module.ema_num_updates) == 3

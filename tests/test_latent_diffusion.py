@@ -15,9 +15,8 @@ from ldm.models.diffusion_trainer import DiffusionTrainer
 from ldm.models.latent_diffusion import LatentDiffusion
 from ldm.util import load_config, to_container
 from scripts import train_diffusion, txt2img
-from tests.helpers import TinyCaptionedImages, make_tiny_autoencoder_file
-
-CONFIG = os.path.join(os.path.dirname(__file__), "configs", "tiny-diffusion.yaml")
+from tests.helpers import TINY_DIFFUSION_CONFIG as CONFIG
+from tests.helpers import TinyCaptionedImages
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -26,19 +25,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def autoencoder_file(tmp_path_factory):
-    return make_tiny_autoencoder_file(tmp_path_factory.mktemp("ae") / "autoencoder.safetensors", scale_factor=0.7)
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, autoencoder_file):
-    """Run the real training script for 4 steps; returns (weights path, run dir)."""
-    run_dir = tmp_path_factory.mktemp("run")
-    weights = train_diffusion.main(["--config", CONFIG, "--autoencoder", autoencoder_file, "--run-dir", str(run_dir)])
-    return weights, run_dir
 
 
 def build_tiny_model(autoencoder_file) -> LatentDiffusion:

@@ -27,6 +27,7 @@ from ldm.diffusion import (
     make_timesteps,
 )
 from ldm.util import instantiate_from_config
+from tests.gaussian_reference import check_moments, ddim_reference, exact_chain_moments, optimal_model, start_noise
 
 M, S = 1.5, 0.5
 N = 20_000
@@ -38,80 +39,6 @@ def _single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def optimal_model(schedule, m, s, parameterization="eps"):
-    # per-timestep coefficient tables, gathered per sample (vector sqrt/exp are slow on contended cores)
-    a = schedule.alphas_cumprod
-    V = a * s**2 + 1 - a
-    tables = {
-        "sqrt_a": a.sqrt(),
-        "sqrt_1ma": (1 - a).sqrt(),
-        "eps_coef": (1 - a).sqrt() / V,  # E[eps | x_t] = sqrt(1 - abar) d / V
-        "x0_coef": a.sqrt() * s**2 / V,  # E[x0 | x_t] = m + sqrt(abar) s^2 d / V
-    }
-
-    def model_fn(x, t, cond):
-        c = {k: v[t].to(x.dtype).view(-1, *([1] * (x.ndim - 1))) for k, v in tables.items()}
-        d = x - c["sqrt_a"] * m
-        eps = c["eps_coef"] * d
-        x0 = m + c["x0_coef"] * d
-        if parameterization == "eps":
-            return eps
-        if parameterization == "x0":
-            return x0
-        return c["sqrt_a"] * eps - c["sqrt_1ma"] * x0
-
-    return model_fn
-
-
-def exact_chain_moments(abar_t, abar_prev, step_var, kind, m, s, mean0, var0):
-    """Mean/variance after the chain, from the affine recursion x_prev = A x + B + sigma z (float64 scalars).
-
-    kind 'ddim': x_prev = sqrt(ap) x0hat + sqrt(1 - ap - sigma^2) epshat + sigma z (DDIM eq. 12);
-    kind 'ddpm': x_prev = c1 x0hat + c2 x + sigma z with the posterior coefficients of beta = 1 - a / ap.
-    """
-    mean, var = mean0, var0
-    for a, ap, sig2 in zip(abar_t, abar_prev, step_var):
-        V = a * s**2 + 1 - a
-        # x0hat = x0A x + x0B, epshat = eA x + eB
-        x0A, x0B = math.sqrt(a) * s**2 / V, m - a * s**2 * m / V
-        eA, eB = math.sqrt(1 - a) / V, -math.sqrt(1 - a) * math.sqrt(a) * m / V
-        if kind == "ddim":
-            c = math.sqrt(max(1 - ap - sig2, 0.0))
-            A, B = math.sqrt(ap) * x0A + c * eA, math.sqrt(ap) * x0B + c * eB
-        else:
-            alpha = a / ap
-            c1 = math.sqrt(ap) * (1 - alpha) / (1 - a)
-            c2 = math.sqrt(alpha) * (1 - ap) / (1 - a)
-            A, B = c1 * x0A + c2, c1 * x0B
-        mean, var = A * mean + B, A * A * var + sig2
-    return mean, var
-
-
-def start_noise(schedule, t_first, m, s, n, gen):
-    """x_T from the exact marginal q(x_t) at the first sampled timestep (isolates the sampler from the prior gap)."""
-    a = schedule.alphas_cumprod[t_first].item()
-    mean, var = math.sqrt(a) * m, a * s**2 + 1 - a
-    return mean + math.sqrt(var) * torch.randn(n, generator=gen, dtype=torch.float64), mean, var
-
-
-def ddim_reference(schedule, timesteps, eta, final_one=False):
-    """CompVis make_ddim_sampling_parameters, written out: ascending ts -> alphas, alphas_prev, sigmas."""
-    abar = schedule.alphas_cumprod.tolist()
-    ts = sorted(timesteps)
-    alphas = [abar[t] for t in ts]
-    alphas_prev = [1.0 if final_one else abar[0]] + [abar[t] for t in ts[:-1]]
-    sigmas = [eta * math.sqrt((1 - ap) / (1 - a) * (1 - a / ap)) for a, ap in zip(alphas, alphas_prev)]
-    # reverse to sampling order
-    return alphas[::-1], alphas_prev[::-1], [x * x for x in sigmas[::-1]]
-
-
-def check_moments(samples, mean_ref, var_ref, n_se=4.5):
-    n = samples.numel()
-    se_mean, se_var = math.sqrt(var_ref / n), var_ref * math.sqrt(2 / n)
-    assert abs(samples.mean().item() - mean_ref) < n_se * se_mean, (samples.mean().item(), mean_ref)
-    assert abs(samples.var().item() - var_ref) < n_se * se_var, (samples.var().item(), var_ref)
 
 
 # -- timesteps -------------------------------------------------------------------------------------------------------
