@@ -26,7 +26,6 @@ import torch  # noqa: E402
 
 from autoencoder import load_autoencoder  # noqa: E402
 from ldm.checkpoint import load_config_from_checkpoint  # noqa: E402
-from ldm.models.diffusion_trainer import DiffusionTrainer  # noqa: E402
 from ldm.models.latent_diffusion import LatentDiffusion  # noqa: E402
 from ldm.training import (  # noqa: E402
     build_dataloaders,

@@ -33,3 +33,13 @@ def trained(tmp_path_factory, autoencoder_file):
         ["--config", TINY_DIFFUSION_CONFIG, "--autoencoder", autoencoder_file, "--run-dir", str(run_dir)]
     )
     return weights, run_dir
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _single_intra_op_thread():
+    """The tests' tensors are tiny: one intra-op thread. With two, OpenMP threads spin-waiting on each other on a
+    busy 2-core machine made small ops up to 100x slower; one thread costs next to nothing at these sizes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -20,16 +20,6 @@ from ldm.modules.attention import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors: one intra-op thread. On a shared CPU, OpenMP threads spin-waiting on each other made
-    these tests up to 100x slower; one thread costs nothing at these sizes."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def reference_attention(q, k, v, mask=None):
     """softmax(q k^T / sqrt(d)) v in float64, softmax written out; q [B,H,N,D], k/v [B,H,M,D]."""
     q, k, v = q.double(), k.double(), v.double()

@@ -46,14 +46,6 @@ N = 20_000
 FAST = ("dpmpp_2m", "euler_a", "heun")
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def schedule():
     return NoiseSchedule("scaled_linear", 1000)

@@ -18,15 +18,6 @@ from ldm.diffusion import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    # contended intra-op threads on shared CI cores cost more than these small tensors' arithmetic
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_iterated_single_steps_give_the_closed_form_marginal():
     """Monte Carlo: apply x_t = sqrt(1 - beta_t) x_{t-1} + sqrt(beta_t) z t times (float64), compare the empirical
     mean/variance with q(x_t | x0) = N(sqrt(abar_t) x0, 1 - abar_t) from the schedule."""

@@ -19,14 +19,6 @@ from tests.helpers import TINY_DIFFUSION_CONFIG as CONFIG
 from tests.helpers import TinyCaptionedImages
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def build_tiny_model(autoencoder_file) -> LatentDiffusion:
     torch.manual_seed(0)
     return train_diffusion.build_model(to_container(load_config(CONFIG).model), autoencoder_file)

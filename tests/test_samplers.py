@@ -33,14 +33,6 @@ M, S = 1.5, 0.5
 N = 20_000
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # -- timesteps -------------------------------------------------------------------------------------------------------
 
 

@@ -16,15 +16,6 @@ TINY_CONFIG = {"embed_dim": 32, "text_cfg": {"context_length": 77, "vocab_size":
 SOT, EOT = 49406, 49407
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors: one intra-op thread (OpenMP spin-waiting on a shared CPU slows these tests badly)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def embedders():
     torch.manual_seed(0)

@@ -13,15 +13,6 @@ from ldm.modules.diffusionmodules.util import timestep_embedding
 from ldm.util import instantiate_from_config
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors: one intra-op thread. On a shared CPU, OpenMP threads spin-waiting on each other made
-    these tests up to 100x slower; one thread costs nothing at these sizes."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 # ---------------------------------------------------------------------------------------------------------------
 # Stable Diffusion's unet_config nodes, verbatim from CompVis/stable-diffusion configs/stable-diffusion/
 # v1-inference.yaml and Stability-AI/stablediffusion configs/stable-diffusion/v2-inference.yaml.

@@ -16,15 +16,6 @@ from ldm.diffusion import NoiseSchedule, nats_to_bits_per_dim, prior_kl, variati
 from ldm.diffusion.gaussian import discretized_gaussian_log_likelihood
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    # contended intra-op threads on shared CI cores cost more than these small tensors' arithmetic
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def optimal_model(schedule, m, s, parameterization="eps"):
     a = schedule.alphas_cumprod
     V = a * s**2 + 1 - a

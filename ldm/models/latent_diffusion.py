@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from ldm.checkpoint import load_config_from_checkpoint, load_into, load_state_dict, read_safetensors_metadata, save_safetensors
+from ldm.checkpoint import load_config_from_checkpoint, load_into, load_state_dict, save_safetensors
 from ldm.diffusion import NoiseSchedule, build_sampler, classifier_free_guidance
 from ldm.util import ConfigError, instantiate_from_config, to_container
 
