@@ -57,7 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--config", default=None, help="configs/autoencoder/<name>.yaml (default with --resume: the run's config.yaml)")
     parser.add_argument("--data", default=None, help="train on this image folder instead of the config's dataset")
     parser.add_argument("--max-steps", type=int, default=None, help="override lightning.max_steps")
-    parser.add_argument("--max-minutes", type=float, default=None, help="stop after this much training time")
+    parser.add_argument("--max-minutes", type=float, default=None,
+                        help="stop after this much training time (counted across resumes; 0: no limit)")
     parser.add_argument("--resume", default=None, help="a Lightning checkpoint or a run folder (uses checkpoints/last.ckpt)")
     parser.add_argument("--run-dir", default=None, help="default: runs/<config name>-<time> (or the resumed run)")
     parser.add_argument("overrides", nargs="*", help="config overrides as a dotlist, e.g. lightning.precision=bf16-mixed")
@@ -89,9 +90,10 @@ def image_folder_nodes(root: str, size: int) -> dict:
             val_root = train_root
     return {
         "train": {"target": IMAGE_FOLDER_TARGET,
-                  "params": {"root": train_root, "size": size, "crop": "random", "flip": True}},
+                  "params": {"root": train_root, "size": size, "crop": "random", "flip": True, "caption_source": "none"}},
         "validation": {"target": IMAGE_FOLDER_TARGET,
-                       "params": {"root": val_root, "size": size, "crop": "center", "flip": False}},
+                       "params": {"root": val_root, "size": size, "crop": "center", "flip": False,
+                                  "caption_source": "none"}},
     }
 
 

@@ -218,3 +218,26 @@ def test_ema_weights_follow_the_litema_update(tmp_path):
     assert not torch.equal(module.autoencoder_ema.state_dict()[name], history[-1])
     assert module.inference_autoencoder() is module.autoencoder_ema
     assert int(module.ema_num_updates) == 3
+
+
+def test_train_script_data_folder_option(tmp_path, blobs_module):
+    from PIL import Image
+
+    from scripts import train_autoencoder
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i in range(4):
+        pixels = (torch.rand(20, 24, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / f"img{i}.png")  # no captions: the autoencoder needs none
+    config = _write_config(tmp_path, blobs_module)
+    run = tmp_path / "run"
+    train_autoencoder.main(["--config", str(config), "--data", str(folder), "--run-dir", str(run),
+                            "--max-steps", "1"])
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    train_node = saved["data"]["params"]["train"]
+    assert train_node["target"] == "ldm.data.image_folder.CaptionedImageFolder"
+    assert train_node["params"] == {"root": str(folder), "size": 16, "crop": "random", "flip": True}
+    assert saved["data"]["params"]["validation"]["params"]["crop"] == "center"
+    assert (run / "autoencoder.safetensors").is_file()

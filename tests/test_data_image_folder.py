@@ -185,6 +185,14 @@ def test_missing_caption_names_the_file(tmp_path):
         CaptionedImageFolder(tmp_path)
 
 
+def test_caption_source_none_takes_uncaptioned_images(tmp_path):
+    save(tmp_path / "a.png", solid(8, 8, (1, 2, 3)))
+    save(tmp_path / "b.png", solid(8, 8, (4, 5, 6)))
+    (tmp_path / "b.txt").write_text("ignored")
+    dataset = CaptionedImageFolder(tmp_path, size=8, caption_source="none")
+    assert len(dataset) == 2 and {dataset[i]["caption"] for i in range(2)} == {""}
+
+
 def test_malformed_metadata_line_names_the_line(tmp_path):
     save(tmp_path / "a.png", solid(8, 8, (9, 9, 9)))
     save(tmp_path / "b.png", solid(8, 8, (9, 9, 9)))

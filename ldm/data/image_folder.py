@@ -126,8 +126,9 @@ class CaptionedImageFolder(Dataset):
         size: output side in pixels (shorter side resized to it, then cropped square).
         crop: ``"center"`` or ``"random"``.
         flip: random horizontal flip (p = 0.5).
-        caption_source: ``"metadata"`` (``metadata.jsonl`` only), ``"txt"`` (sidecar ``.txt`` only) or ``"auto"``
-            (metadata entry if there is one, else the sidecar).
+        caption_source: ``"metadata"`` (``metadata.jsonl`` only), ``"txt"`` (sidecar ``.txt`` only), ``"auto"``
+            (metadata entry if there is one, else the sidecar) or ``"none"`` (images only, every caption ``""``:
+            for autoencoder training, which needs no text).
         verify: check every image with ``PIL.Image.verify`` at construction, dropping (and counting) bad ones.
     """
 
@@ -144,8 +145,8 @@ class CaptionedImageFolder(Dataset):
     ):
         if crop not in ("center", "random"):
             raise ValueError(f"crop must be 'center' or 'random', got {crop!r}")
-        if caption_source not in ("auto", "metadata", "txt"):
-            raise ValueError(f"caption_source must be 'auto', 'metadata' or 'txt', got {caption_source!r}")
+        if caption_source not in ("auto", "metadata", "txt", "none"):
+            raise ValueError(f"caption_source must be 'auto', 'metadata', 'txt' or 'none', got {caption_source!r}")
         if int(size) != size or size <= 0:
             raise ValueError(f"size must be a positive integer, got {size!r}")
         if image_key == caption_key:
@@ -176,6 +177,8 @@ class CaptionedImageFolder(Dataset):
         missing: list[str] = []
         for path in images:
             caption = metadata.get(path.resolve())
+            if caption_source == "none":
+                caption = ""
             if caption is None and caption_source in ("auto", "txt"):
                 sidecar = path.with_suffix(".txt")
                 if sidecar.is_file():
