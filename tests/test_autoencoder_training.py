@@ -238,6 +238,7 @@ def test_train_script_data_folder_option(tmp_path, blobs_module):
     saved = yaml.safe_load((run / "config.yaml").read_text())
     train_node = saved["data"]["params"]["train"]
     assert train_node["target"] == "ldm.data.image_folder.CaptionedImageFolder"
-    assert train_node["params"] == {"root": str(folder), "size": 16, "crop": "random", "flip": True}
+    assert train_node["params"] == {"root": str(folder), "size": 16, "crop": "random", "flip": True,
+                                    "caption_source": "none"}
     assert saved["data"]["params"]["validation"]["params"]["crop"] == "center"
     assert (run / "autoencoder.safetensors").is_file()
