@@ -264,7 +264,7 @@ def txt2img(impl: str = "both", n_images: int = 4, perturb: bool = True, checkpo
     seeds = list(range(n_images))
     work = Work("txt2img/demo", f"{n_images} image(s) {size}x{size}, DDIM {DDIM_STEPS}, guidance {GUIDANCE_SCALE:g}",
                 compared="pixels", per="image", items=n_images)
-    rel = os.path.relpath(path, REPO)
+    rel = os.path.relpath(path, REPO) if os.path.abspath(path).startswith(REPO + os.sep) else path
     work.note = f"weights: {rel}" if found else f"{rel} MISSING: demo config with random weights"
     work.extra["checkpoint_found"] = found
 
@@ -273,9 +273,9 @@ def txt2img(impl: str = "both", n_images: int = 4, perturb: bool = True, checkpo
     latent_shape = (int(ae_params["embed_dim"]), size // f, size // f)
     model = None
     if impl in ("both", "ours"):
-        if found:
+        if found and perturb:
             model = LatentDiffusion.from_checkpoint(path).eval()
-        else:
+        else:  # no checkpoint, or a memory run (random weights on both sides, no file loading)
             torch.manual_seed(0)
             model = LatentDiffusion.from_config(config).eval()
             _perturbed(model.unet, perturb, seed=1)
@@ -297,11 +297,14 @@ def txt2img(impl: str = "both", n_images: int = 4, perturb: bool = True, checkpo
         vae = to_diffusers_vae(ae_params["ddconfig"], ae_params["embed_dim"], vae_state, scale_factor=scale_factor)
         scheduler = diffusers_ddim_scheduler(config["schedule"]["params"], config.get("parameterization", "eps"))
 
+        empty: list = []  # the empty prompt's context, computed once (as ours caches it)
+
         @torch.no_grad()
         def their_generate() -> torch.Tensor:
             context = encode(prompts)
-            uncond = encode([""]).expand(n_images, -1, -1)
-            both = torch.cat([uncond, context])
+            if not empty:
+                empty.append(encode([""]))
+            both = torch.cat([empty[0].expand(n_images, -1, -1), context])
             x = seeded_noise(latent_shape, seeds) * scheduler.init_noise_sigma
             scheduler.set_timesteps(DDIM_STEPS)
             for t in scheduler.timesteps:
@@ -328,8 +331,12 @@ CASES = (
 QUICK_SKIPS = ("unet_train/sd-v1",)
 
 
-def build(case: str, impl: str = "both", quick: bool = False, perturb: bool = True) -> Work:
-    """The :class:`Work` of ``case`` (one of :data:`CASES`); ``perturb=False`` for memory runs (values do not matter)."""
+def build(case: str, impl: str = "both", quick: bool = False, perturb: bool = True,
+          checkpoint: Optional[str] = None) -> Work:
+    """The :class:`Work` of ``case`` (one of :data:`CASES`); ``perturb=False`` for memory runs (values do not matter).
+
+    ``checkpoint``: the txt2img weights (default: the shipped demo model).
+    """
     if case not in CASES:
         raise ValueError(f"unknown case {case!r}; choose from {list(CASES)}")
     kind, name = case.split("/")
@@ -339,4 +346,4 @@ def build(case: str, impl: str = "both", quick: bool = False, perturb: bool = Tr
         return unet_train(name, impl, perturb)
     if kind == "vae_decode":
         return vae_decode(name, impl, perturb)
-    return txt2img(impl, n_images=1 if quick else 4, perturb=perturb)
+    return txt2img(impl, n_images=1 if quick else 4, perturb=perturb, checkpoint=checkpoint)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib
 import json
 import logging
 import os
@@ -94,11 +95,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None,
                         help=f"torch intra-op threads (default: the usable cores, {harness.available_cores()} here)")
     parser.add_argument("--only", default=None, help=f"comma-separated cases (or substrings of them) from {list(CASES)}")
+    parser.add_argument("--checkpoint", default=None,
+                        help="txt2img weights (.safetensors with config; default: ldm/assets/demo-shapes.safetensors)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--no-diffusers", action="store_true", help="time ours only")
     parser.add_argument("--memory-worker", metavar="CASE", help=argparse.SUPPRESS)
     parser.add_argument("--impl", choices=("ours", "diffusers"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.checkpoint and not os.path.isfile(args.checkpoint):
+        parser.error(f"--checkpoint {args.checkpoint}: no such file")
     if args.threads is not None and args.threads < 1:
         parser.error("--threads must be >= 1")
     return args
@@ -134,7 +139,7 @@ def diffusers_status(args) -> tuple[bool, str]:
 
 def run_case(case: str, args, settings: Settings, use_diffusers: bool, peak_gflops: float) -> list[Row]:
     kind = case.split("/")[0]
-    work = build(case, "both" if use_diffusers else "ours", quick=args.quick)
+    work = build(case, "both" if use_diffusers else "ours", quick=args.quick, checkpoint=args.checkpoint)
     row = Row(case=case, setting=work.setting, per=work.per, compared=work.compared)
     if work.note:
         row.notes.append(work.note)
@@ -173,35 +178,39 @@ def run_case(case: str, args, settings: Settings, use_diffusers: bool, peak_gflo
         if "diffusers" in call_s:
             row.diffusers_gflops = row.flops / call_s["diffusers"] / 1e9
             row.diffusers_pct_peak = 100 * row.diffusers_gflops / peak_gflops
+    del fns
     rows = [row]
-
     if work.make_variants is not None:
-        work.theirs = None  # free the diffusers model before copying ours
+        work.theirs = None  # free the diffusers model before ours is copied for channels_last
         gc.collect()
-        variants = work.make_variants()
-        diffs = {}
-        from benchmarks.diffusers_compat import max_abs_diff
-
-        for name, fn in variants.items():
-            diffs[name] = max_abs_diff(reference, fn())
-        fns = {"fp32": work.ours, **variants}
-        times = harness.alternate(fns, settings.warmup, settings.min_repeats, settings.max_repeats, settings.budget_s)
-        base = harness.median_or_none(times["fp32"])
-        for name, fn in variants.items():
-            t = harness.median_or_none(times[name])
-            variant = Row(case=case, setting=work.setting, impl=f"ours, {name}", ours_s=t, repeats=len(times[name]),
-                          compared=f"{work.compared} vs ours fp32", max_abs_diff=diffs[name], flops=row.flops)
-            scale = float(reference.abs().max())
-            variant.rel_diff = diffs[name] / scale if scale > 0 else None
-            if row.flops:
-                variant.ours_gflops = row.flops / t / 1e9
-                variant.ours_pct_peak = 100 * variant.ours_gflops / peak_gflops
-            variant.notes.append(f"{t / base:.2f}x the time of ours fp32 default layout ({harness.fmt_time(base)} "
-                                 "in the same round-robin)")
-            rows.append(variant)
-        del variants
+        rows += time_variants(work, reference, row, settings, peak_gflops)
     del work, reference
     gc.collect()
+    return rows
+
+
+def time_variants(work, reference, row: Row, settings: Settings, peak_gflops: float) -> list[Row]:
+    """Our alternative settings (bf16 autocast, channels_last), round-robin with our fp32 default layout."""
+    from benchmarks.diffusers_compat import max_abs_diff
+
+    variants = work.make_variants()
+    scale = float(reference.abs().max())
+    diffs = {name: max_abs_diff(reference, fn()) for name, fn in variants.items()}
+    times = harness.alternate({"fp32": work.ours, **variants}, settings.warmup, settings.min_repeats,
+                              settings.max_repeats, settings.budget_s)
+    base = harness.median_or_none(times["fp32"])
+    rows = []
+    for name in variants:
+        t = harness.median_or_none(times[name])
+        variant = Row(case=row.case, setting=row.setting, impl=f"ours, {name}", ours_s=t, repeats=len(times[name]),
+                      compared=f"{row.compared} vs ours fp32", max_abs_diff=diffs[name], flops=row.flops)
+        variant.rel_diff = diffs[name] / scale if scale > 0 else None
+        if row.flops:
+            variant.ours_gflops = row.flops / t / 1e9
+            variant.ours_pct_peak = 100 * variant.ours_gflops / peak_gflops
+        variant.notes.append(f"diff vs ours fp32; {t / base:.2f}x the time of ours fp32 default layout "
+                             f"({harness.fmt_time(base)} in the same round-robin)")
+        rows.append(variant)
     return rows
 
 
@@ -212,23 +221,19 @@ def memory_worker(args) -> int:
     """Fresh process: imports, then build one side of one case and run it; print peak RSS as JSON."""
     torch.set_num_threads(args.threads or harness.available_cores())
     # Import everything either side needs before the baseline, so the growth is the work's own.
-    import open_clip  # noqa: F401
-
-    import autoencoder  # noqa: F401
-    import ldm.generate  # noqa: F401
-    import ldm.models.latent_diffusion  # noqa: F401
-
+    for name in ("open_clip", "autoencoder", "ldm.generate", "ldm.models.latent_diffusion"):
+        importlib.import_module(name)
     if args.impl == "diffusers":
-        import diffusers
-        from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel  # noqa: F401
-
         from benchmarks.diffusers_compat import converters
 
+        diffusers = importlib.import_module("diffusers")
+        for name in ("UNet2DConditionModel", "AutoencoderKL", "DDIMScheduler"):  # lazy imports, done now
+            getattr(diffusers, name)
         diffusers.utils.logging.set_verbosity_error()
         converters()
     gc.collect()
     baseline = harness.current_rss_mb()
-    work = build(args.memory_worker, args.impl, quick=args.quick, perturb=False)
+    work = build(args.memory_worker, args.impl, quick=args.quick, perturb=False, checkpoint=args.checkpoint)
     fn = work.ours if args.impl == "ours" else work.theirs
     for _ in range(1 if args.quick else 2):
         fn()
@@ -242,6 +247,8 @@ def memory_worker(args) -> int:
 def measure_memory(case: str, impl: str, args, threads: int) -> dict:
     command = [sys.executable, os.path.abspath(__file__), "--memory-worker", case, "--impl", impl,
                "--threads", str(threads)] + (["--quick"] if args.quick else [])
+    if args.checkpoint:
+        command += ["--checkpoint", os.path.abspath(args.checkpoint)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=3600, cwd=REPO)
     for line in reversed(done.stdout.splitlines()):
         if line.startswith(MEMORY_MARKER):

@@ -106,12 +106,15 @@ def test_exported_unet_is_the_ema_copy_and_checkpoint_holds_one_of_each(trained)
     assert sum(k.endswith(".out.2.weight") and "diffusion_model" in k for k in checkpoint) == 1
 
 
-def test_resume_continues_the_step_count(trained, autoencoder_file):
-    weights, run_dir = trained
+def test_resume_continues_the_step_count(trained, autoencoder_file, tmp_path):
+    import shutil
+
+    run_dir = shutil.copytree(trained[1], tmp_path / "run")  # the shared run stays as the fixture made it
     resumed = train_diffusion.main(
         ["--config", CONFIG, "--autoencoder", autoencoder_file, "--resume", str(run_dir / "checkpoints" / "last.ckpt"),
          "--max-steps", "6"]
     )
+    assert os.path.dirname(resumed) == str(run_dir)
     assert int(read_safetensors_metadata(resumed)["global_step"]) == 6
 
 
@@ -158,3 +161,21 @@ def test_checkpoint_that_does_not_fit_its_config_is_refused(trained, tmp_path):
     save_safetensors(broken, state, metadata=read_safetensors_metadata(weights))
     with pytest.raises(ValueError, match=r"does not fit.*out\.2\.bias"):
         LatentDiffusion.from_checkpoint(broken)
+
+
+def test_export_from_a_checkpoint_equals_the_training_export(trained, autoencoder_file, tmp_path):
+    from scripts import export_diffusion
+
+    weights, run_dir = trained
+    out = export_diffusion.main(["--run", str(run_dir), "--autoencoder", autoencoder_file,
+                                 "--ckpt", str(run_dir / "checkpoints" / "step000004.ckpt"),
+                                 "--out", str(tmp_path / "m.safetensors")])
+    exported, reference = load_file(out), load_file(weights)
+    assert exported.keys() == reference.keys()
+    for key in reference:
+        torch.testing.assert_close(exported[key], reference[key], rtol=0, atol=0)
+    earlier = export_diffusion.main(["--run", str(run_dir), "--autoencoder", autoencoder_file, "--ckpt",
+                                     str(run_dir / "checkpoints" / "step000002.ckpt"),
+                                     "--out", str(tmp_path / "early.safetensors"), "--dtype", "float16"])
+    assert int(read_safetensors_metadata(earlier)["global_step"]) == 2
+    assert load_file(earlier)["model.diffusion_model.out.2.weight"].dtype == torch.float16
