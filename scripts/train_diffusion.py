@@ -104,7 +104,13 @@ def main(argv=None) -> str:
         limit_val_batches=lightning_cfg.get("limit_val_batches", 1.0),
     )
     start = time.perf_counter()
-    trainer.fit(module, train_loader, val_loader, ckpt_path=resume_from)
+    try:
+        trainer.fit(module, train_loader, val_loader, ckpt_path=resume_from)
+    except SystemExit:
+        # Lightning turns Ctrl-C into sys.exit(1) after a graceful shutdown: keep what was learnt.
+        if not trainer.interrupted:
+            raise
+        log.warning("interrupted at step %d: exporting the EMA weights so far", trainer.global_step)
     minutes = (time.perf_counter() - start) / 60
 
     weights = os.path.join(run_dir, "model.safetensors")

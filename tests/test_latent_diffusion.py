@@ -179,3 +179,19 @@ def test_export_from_a_checkpoint_equals_the_training_export(trained, autoencode
                                      "--out", str(tmp_path / "early.safetensors"), "--dtype", "float16"])
     assert int(read_safetensors_metadata(earlier)["global_step"]) == 2
     assert load_file(earlier)["model.diffusion_model.out.2.weight"].dtype == torch.float16
+
+
+def test_ctrl_c_exports_the_weights_learnt_so_far(autoencoder_file, tmp_path, monkeypatch):
+    import pytorch_lightning as pl
+
+    class InterruptAtStep3(pl.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == 3:
+                raise KeyboardInterrupt
+
+    build = train_diffusion.build_trainer
+    monkeypatch.setattr(train_diffusion, "build_trainer",
+                        lambda *a, **k: build(*a, extra_callbacks=[InterruptAtStep3()], **k))
+    weights = train_diffusion.main(["--config", CONFIG, "--autoencoder", autoencoder_file, "--run-dir",
+                                    str(tmp_path), "--max-steps", "10"])
+    assert int(read_safetensors_metadata(weights)["global_step"]) == 3
