@@ -88,6 +88,8 @@ def test_script_writes_run_folder_and_one_file_rebuilds_the_model(trained):
     assert os.path.isfile(run_dir / "config.yaml")
     assert os.path.isfile(run_dir / "checkpoints" / "last.ckpt")
     assert any(name.startswith("samples_step") for name in os.listdir(run_dir / "images"))
+    metrics = open(next((run_dir / "logs").rglob("metrics.csv"))).read()
+    assert "val/loss" in metrics.splitlines()[0] and "train/loss" in metrics.splitlines()[0]
     model = LatentDiffusion.from_checkpoint(weights)
     assert set(model.config) >= {"autoencoder", "text_encoder", "unet", "schedule", "scale_factor"}
     assert model.scale_factor == pytest.approx(0.7)

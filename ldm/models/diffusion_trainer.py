@@ -87,21 +87,28 @@ class DiffusionTrainer(pl.LightningModule):
         return ["" if self._caption_rng.random() < self.p_uncond else caption for caption in captions]
 
     # ---------------------------------------------------------------- training
-    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
+    def batch_loss(self, batch: Mapping[str, Any], training: bool, generator: torch.Generator | None = None):
+        """``(loss, batch size)``. Training: posterior samples, caption dropout, min-SNR weighting.
+        Validation: posterior means, every caption, the plain unweighted loss (comparable across configs)."""
         images, captions = self._unpack(batch)
-        latents = self.model.encode_images(images)
+        latents = self.model.encode_images(images, sample=training)
         with torch.no_grad():
-            context = self.model.encode_text(self.drop_captions(captions))
+            context = self.model.encode_text(self.drop_captions(captions) if training else captions)
         loss = diffusion_loss(
             self.model.model_fn,
             self.model.schedule,
             latents,
             cond=context,
             parameterization=self.model.parameterization,
-            min_snr_gamma=self.min_snr_gamma,
+            min_snr_gamma=self.min_snr_gamma if training else None,
+            generator=generator,
         )
-        self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=len(captions))
-        self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=True, prog_bar=False, batch_size=len(captions))
+        return loss, len(captions)
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
+        loss, batch_size = self.batch_loss(batch, training=True)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=batch_size)
+        self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=True, prog_bar=False, batch_size=batch_size)
         return loss
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
@@ -112,20 +119,10 @@ class DiffusionTrainer(pl.LightningModule):
             self.model_ema.update(self.model.model)
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
-        images, captions = self._unpack(batch)
-        latents = self.model.encode_images(images, sample=False)
-        context = self.model.encode_text(captions)
-        generator = torch.Generator(device=latents.device).manual_seed(batch_idx)
+        generator = torch.Generator(device=self.device).manual_seed(batch_idx)  # the same t and noise each time
         with self.ema_weights():
-            loss = diffusion_loss(
-                self.model.model_fn,
-                self.model.schedule,
-                latents,
-                cond=context,
-                parameterization=self.model.parameterization,
-                generator=generator,
-            )
-        self.log("val/loss", loss, prog_bar=True, batch_size=len(captions))
+            loss, batch_size = self.batch_loss(batch, training=False, generator=generator)
+        self.log("val/loss", loss, prog_bar=True, batch_size=batch_size)
         return loss
 
     def configure_optimizers(self):
