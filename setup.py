@@ -27,7 +27,7 @@ setup(
     extras_require={
         "test": ["pytest>=7", "pytest-timeout>=2", "scikit-image>=0.20", "psutil>=5", "matplotlib>=3.5"],
         "gpu": ["xformers>=0.0.23"],
-        "bench": ["diffusers>=0.25", "psutil>=5"],
+        "bench": ["diffusers>=0.30", "psutil>=5"],
         "plots": ["matplotlib>=3.5"],
         "tensorboard": ["tensorboard>=2.10"],
     },

@@ -30,19 +30,20 @@ log = logging.getLogger("export_diffusion")
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, help="the training run folder (holds config.yaml)")
-    parser.add_argument("--autoencoder", required=True, help="the stage-one weights the run was trained with")
+    parser.add_argument("--autoencoder", default=None, help="the stage-one weights the run was trained with")
+    parser.add_argument("--init-from", default=None, help="or the whole-model file the run started from")
     parser.add_argument("--ckpt", default=None, help="a Lightning checkpoint; default: the run's last.ckpt")
     parser.add_argument("--out", default=None, help="default: <run>/model.safetensors")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     return parser.parse_args(argv)
 
 
-def export(run: str, autoencoder: str, ckpt: str | None = None, out: str | None = None,
-           dtype: str = "float32") -> str:
+def export(run: str, autoencoder: str | None, ckpt: str | None = None, out: str | None = None,
+           dtype: str = "float32", init_from: str | None = None) -> str:
     """Rebuild the run's model, load the checkpoint (raw + EMA), write the EMA weights; returns the path."""
     config = load_config(os.path.join(run, "config.yaml"))
     ckpt = ckpt or str(find_resume_checkpoint(run)[0])
-    model = build_model(to_container(config.model), autoencoder)
+    model = build_model(to_container(config.model), autoencoder, init_from)
     module = instantiate_from_config(config.trainer, path="trainer", model=model)
     checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
     module.load_state_dict(checkpoint["state_dict"], strict=True)
@@ -57,7 +58,7 @@ def export(run: str, autoencoder: str, ckpt: str | None = None, out: str | None 
 def main(argv=None) -> str:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
-    return export(args.run, args.autoencoder, args.ckpt, args.out, args.dtype)
+    return export(args.run, args.autoencoder, args.ckpt, args.out, args.dtype, args.init_from)
 
 
 if __name__ == "__main__":

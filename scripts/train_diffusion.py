@@ -1,7 +1,8 @@
 """Train the text-conditioned UNet on the latents of a frozen, trained autoencoder.
 
     python scripts/train_diffusion.py --config configs/latent-diffusion/shapes.yaml \
-        --autoencoder runs/ae/model.safetensors [--data DIR] [--max-steps N] [--resume PATH]
+        --autoencoder runs/ae/autoencoder.safetensors [--data DIR] [--max-steps N] [--resume PATH]
+    python scripts/train_diffusion.py --config ... --init-from model.safetensors   # continue / fine-tune
 
 The run folder holds ``config.yaml``, Lightning checkpoints (``checkpoints/last.ckpt`` resumes), sample
 grids for the config's fixed prompts (``images/``), scalar logs (``logs/``) and the final EMA weights as
@@ -25,7 +26,7 @@ import pytorch_lightning as pl  # noqa: E402
 import torch  # noqa: E402
 
 from autoencoder import load_autoencoder  # noqa: E402
-from ldm.checkpoint import load_config_from_checkpoint  # noqa: E402
+from ldm.checkpoint import load_config_from_checkpoint, load_into, load_state_dict  # noqa: E402
 from ldm.models.latent_diffusion import LatentDiffusion  # noqa: E402
 from ldm.training import (  # noqa: E402
     build_dataloaders,
@@ -43,7 +44,10 @@ TOP_LEVEL_KEYS = {"model", "trainer", "data", "lightning"}
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="configs/latent-diffusion/<name>.yaml")
-    parser.add_argument("--autoencoder", required=True, help="stage-one weights (.safetensors with scale_factor)")
+    parser.add_argument("--autoencoder", default=None, help="stage-one weights (.safetensors with scale_factor)")
+    parser.add_argument("--init-from", default=None,
+                        help="start from a trained model file (train_diffusion/export output): fine-tuning or "
+                             "longer training; its autoencoder and scale factor are used, --autoencoder is not needed")
     parser.add_argument("--data", default=None, help="a captioned image folder instead of the config's dataset")
     parser.add_argument("--max-steps", type=int, default=None)
     parser.add_argument("--resume", default=None, help="a Lightning checkpoint (e.g. <run>/checkpoints/last.ckpt)")
@@ -61,8 +65,21 @@ def check_config(config) -> None:
             raise ConfigError(f"config has no '{key}' section")
 
 
-def build_model(model_config: dict, autoencoder_path: str) -> LatentDiffusion:
-    """The frozen stage-one autoencoder (with its stored scale factor) + text encoder + UNet + schedule."""
+def build_model(model_config: dict, autoencoder_path: str | None = None, init_from: str | None = None) -> LatentDiffusion:
+    """The frozen stage-one autoencoder (with its stored scale factor) + text encoder + UNet + schedule.
+
+    With ``init_from`` (a whole-model file), every weight starts from that file, autoencoder included.
+    """
+    if (autoencoder_path is None) == (init_from is None):
+        raise ValueError("give exactly one of --autoencoder (stage-one weights) or --init-from (a whole model)")
+    if init_from is not None:
+        stored = load_config_from_checkpoint(init_from)
+        if "autoencoder" not in stored or "scale_factor" not in stored:
+            raise ValueError(f"--init-from {init_from}: not a whole-model file (its config has no autoencoder/scale_factor)")
+        model = LatentDiffusion.from_config({**model_config, "autoencoder": stored["autoencoder"]},
+                                            scale_factor=stored["scale_factor"])
+        load_into(model, load_state_dict(init_from), what=f"model config (--init-from {init_from})")
+        return model
     autoencoder, scale_factor = load_autoencoder(autoencoder_path)  # no stored scale factor: a clear error
     full = {**model_config, "autoencoder": load_config_from_checkpoint(autoencoder_path)}
     return LatentDiffusion.from_config(full, autoencoder=autoencoder, scale_factor=scale_factor)
@@ -86,7 +103,7 @@ def main(argv=None) -> str:
     name = os.path.splitext(os.path.basename(args.config))[0]
     run_dir = make_run_dir(args.run_dir, name, args.resume)
     pl.seed_everything(lightning_cfg.get("seed", 0))  # the frozen random text tower depends on it
-    model = build_model(to_container(config.model), args.autoencoder)
+    model = build_model(to_container(config.model), args.autoencoder, args.init_from)
     module = instantiate_from_config(config.trainer, path="trainer", model=model)
     save_run_config(run_dir, config)
     resume_from = find_resume_checkpoint(args.resume)[0] if args.resume else None

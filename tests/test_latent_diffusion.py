@@ -197,3 +197,21 @@ def test_ctrl_c_exports_the_weights_learnt_so_far(autoencoder_file, tmp_path, mo
     weights = train_diffusion.main(["--config", CONFIG, "--autoencoder", autoencoder_file, "--run-dir",
                                     str(tmp_path), "--max-steps", "10"])
     assert int(read_safetensors_metadata(weights)["global_step"]) == 3
+
+
+def test_init_from_starts_every_weight_from_a_trained_model(trained, tmp_path):
+    weights, _ = trained
+    out = train_diffusion.main(["--config", CONFIG, "--init-from", weights, "--run-dir", str(tmp_path), "--max-steps",
+                                "2", "trainer.params.learning_rate=0.0", "lightning.image_every=100"])
+    start, after = load_file(weights), load_file(out)
+    assert start.keys() == after.keys()
+    for key in start:  # learning rate 0: nothing moved, so the export is the file it started from
+        torch.testing.assert_close(after[key], start[key], rtol=0, atol=0)
+    assert LatentDiffusion.from_checkpoint(out).scale_factor == pytest.approx(0.7)
+
+
+def test_init_from_and_autoencoder_are_exclusive(trained, autoencoder_file):
+    with pytest.raises(ValueError, match="exactly one"):
+        train_diffusion.main(["--config", CONFIG, "--init-from", trained[0], "--autoencoder", autoencoder_file])
+    with pytest.raises(ValueError, match="not a whole-model file"):
+        train_diffusion.main(["--config", CONFIG, "--init-from", autoencoder_file])
