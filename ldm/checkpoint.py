@@ -27,6 +27,9 @@ def atomic_write(path: str | os.PathLike, write_fn) -> None:
     os.close(fd)
     try:
         write_fn(tmp_path)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp creates 0600; the result should read like any new file
         os.replace(tmp_path, path)
     finally:
         if os.path.exists(tmp_path):

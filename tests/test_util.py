@@ -65,6 +65,9 @@ def test_safetensors_round_trip_with_config_and_metadata(tmp_path):
     load_into(other, loaded)
     assert torch.equal(other.weight, model.weight)
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp-")]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_half_precision_export_and_float_reload(tmp_path):
