@@ -119,6 +119,7 @@ def main(argv=None) -> str:
         precision=lightning_cfg.get("precision", "32-true"),
         max_images=lightning_cfg.get("max_images", 8),
         limit_val_batches=lightning_cfg.get("limit_val_batches", 1.0),
+        gradient_clip_val=lightning_cfg.get("gradient_clip_val", None),
     )
     start = time.perf_counter()
     try:

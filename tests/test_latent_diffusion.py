@@ -215,3 +215,17 @@ def test_init_from_and_autoencoder_are_exclusive(trained, autoencoder_file):
         train_diffusion.main(["--config", CONFIG, "--init-from", trained[0], "--autoencoder", autoencoder_file])
     with pytest.raises(ValueError, match="not a whole-model file"):
         train_diffusion.main(["--config", CONFIG, "--init-from", autoencoder_file])
+
+
+def test_config_gradient_clipping_reaches_the_trainer(autoencoder_file, tmp_path, monkeypatch):
+    seen = {}
+    build = train_diffusion.build_trainer
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(train_diffusion, "build_trainer", spy)
+    train_diffusion.main(["--config", CONFIG, "--autoencoder", autoencoder_file, "--run-dir", str(tmp_path),
+                          "--max-steps", "1", "lightning.gradient_clip_val=0.5"])
+    assert seen["gradient_clip_val"] == 0.5
