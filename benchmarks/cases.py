@@ -102,6 +102,13 @@ def _their_unet(spec: UNetSpec, ours):
     return to_diffusers_unet(spec.params, state, sample_size=spec.latent[-1])
 
 
+def _compiled_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A ``torch.compile``d copy (``nn.Module.compile``: TorchInductor, C++ kernels on the CPU)."""
+    copied = copy.deepcopy(module)
+    copied.compile(dynamic=False)
+    return copied
+
+
 def _unet_infer(unet, x, t, context, bf16: bool = False) -> torch.Tensor:
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         return unet(x, t, context=context).float()
@@ -131,15 +138,19 @@ def unet_step(name: str, impl: str = "both", perturb: bool = True) -> Work:
         work.ours = lambda: _unet_infer(ours, x, t, context)
         work.flops_fn = work.ours
 
-        def variants() -> dict:
-            # A copy, so the default-layout model stays as it is for the round-robin against it.
+        def variants(compile: bool = True) -> dict:
+            # Copies, so the default-layout model stays as it is for the round-robin against it.
             channels_last = copy.deepcopy(ours).to(memory_format=torch.channels_last)
             x_cl = x.contiguous(memory_format=torch.channels_last)
-            return {
+            found = {
                 "bf16 autocast": lambda: _unet_infer(ours, x, t, context, bf16=True),
                 "channels_last": lambda: _unet_infer(channels_last, x_cl, t, context),
-                "channels_last + bf16 autocast": lambda: _unet_infer(channels_last, x_cl, t, context, bf16=True),
             }
+            if compile:
+                compiled = _compiled_copy(ours)
+                found["torch.compile"] = lambda: _unet_infer(compiled, x, t, context)
+                found["torch.compile + bf16 autocast"] = lambda: _unet_infer(compiled, x, t, context, bf16=True)
+            return found
 
         work.make_variants = variants
     if impl in ("both", "diffusers"):
@@ -211,11 +222,27 @@ def vae_decode(name: str, impl: str = "both", perturb: bool = True) -> Work:
         torch.manual_seed(0)
         ours = _perturbed(AutoencoderKL(ddconfig, embed_dim), perturb).eval()
 
-        def our_decode() -> torch.Tensor:
-            with torch.inference_mode():
-                return ours.decode(z)
+        def decode_with(model, bf16: bool = False) -> torch.Tensor:
+            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                return model.decode(z).float()
 
-        work.ours = our_decode
+        work.ours = lambda: decode_with(ours)
+
+        def variants(compile: bool = True) -> dict:
+            channels_last = copy.deepcopy(ours).to(memory_format=torch.channels_last)
+            found = {
+                "bf16 autocast": lambda: decode_with(ours, bf16=True),
+                "channels_last": lambda: decode_with(channels_last),
+            }
+            if compile:
+                compiled = copy.deepcopy(ours)
+                compiled.decoder.compile(dynamic=False)
+                compiled.post_quant_conv.compile(dynamic=False)
+                found["torch.compile"] = lambda: decode_with(compiled)
+                found["torch.compile + bf16 autocast"] = lambda: decode_with(compiled, bf16=True)
+            return found
+
+        work.make_variants = variants
     if impl in ("both", "diffusers"):
         theirs = to_diffusers_vae(ddconfig, embed_dim, None if ours is None else ours.state_dict())
 
@@ -281,8 +308,29 @@ def txt2img(impl: str = "both", n_images: int = 4, perturb: bool = True, checkpo
             _perturbed(model.unet, perturb, seed=1)
             _perturbed(model.first_stage_model, perturb, seed=2)
         sampler = model.build_sampler({"name": "ddim", "num_steps": DDIM_STEPS, "eta": 0.0})
-        work.ours = lambda: generate(model, prompts, sampler, seeds, guidance_scale=GUIDANCE_SCALE, height=size,
-                                     width=size, batch_size=n_images, progress=False)
+
+        def generate_with(m, autocast=None) -> torch.Tensor:
+            return generate(m, prompts, sampler, seeds, guidance_scale=GUIDANCE_SCALE, height=size, width=size,
+                            batch_size=n_images, progress=False, autocast=autocast)
+
+        work.ours = lambda: generate_with(model)
+
+        def variants(compile: bool = True) -> dict:
+            from ldm.generate import autocast_for
+            from ldm.inference import prepare_for_inference
+
+            channels_last = prepare_for_inference(copy.deepcopy(model), channels_last=True)
+            found = {
+                "bf16 autocast (UNet)": lambda: generate_with(model, autocast_for("cpu", "bf16")),
+                "channels_last": lambda: generate_with(channels_last),
+            }
+            if compile:
+                compiled = prepare_for_inference(copy.deepcopy(model), channels_last=False, compile=True)
+                found["torch.compile"] = lambda: generate_with(compiled)
+                found["torch.compile + bf16 autocast (UNet)"] = lambda: generate_with(compiled, autocast_for("cpu", "bf16"))
+            return found
+
+        work.make_variants = variants
     if impl in ("both", "diffusers"):
         from benchmarks.diffusers_compat import diffusers_ddim_scheduler, to_diffusers_unet, to_diffusers_vae
 
@@ -295,7 +343,8 @@ def txt2img(impl: str = "both", n_images: int = 4, perturb: bool = True, checkpo
             unet_state = vae_state = None
         unet = to_diffusers_unet(config["unet"]["params"], unet_state, sample_size=latent_shape[-1])
         vae = to_diffusers_vae(ae_params["ddconfig"], ae_params["embed_dim"], vae_state, scale_factor=scale_factor)
-        scheduler = diffusers_ddim_scheduler(config["schedule"]["params"], config.get("parameterization", "eps"))
+        spacing = config.get("sampler_defaults", {}).get("ddim", {}).get("timestep_spacing", "leading")
+        scheduler = diffusers_ddim_scheduler(config["schedule"]["params"], config.get("parameterization", "eps"), spacing)
 
         empty: list = []  # the empty prompt's context, computed once (as ours caches it)
 

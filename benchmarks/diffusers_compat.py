@@ -289,34 +289,41 @@ def to_diffusers_vae(ddconfig: Mapping[str, Any], embed_dim: int,
 # ---------------------------------------------------------------------------------------------------- scheduler
 
 
-def diffusers_ddim_scheduler(schedule_params: Mapping[str, Any], parameterization: str = "eps"):
-    """diffusers ``DDIMScheduler`` set up like our ``DDIMSampler`` defaults (Stable Diffusion's DDIM).
+DIFFUSERS_BETA_SCHEDULES = {"scaled_linear": "scaled_linear", "linear": "linear", "cosine": "squaredcos_cap_v2"}
 
-    ``leading`` spacing with ``steps_offset=1`` (981, 961, ..., 1 for 50 of 1000), last step to
-    ``alphas_cumprod[0]`` (``set_alpha_to_one=False``), no clipping. ``schedule_params`` are our
-    ``ldm.diffusion.NoiseSchedule`` params; only non-rescaled ``scaled_linear`` / ``linear`` schedules map.
+
+def diffusers_ddim_scheduler(schedule_params: Mapping[str, Any], parameterization: str = "eps",
+                             timestep_spacing: str = "leading"):
+    """diffusers ``DDIMScheduler`` set up like our ``DDIMSampler`` (defaults: Stable Diffusion's DDIM).
+
+    ``leading`` spacing with ``steps_offset=1`` (981, 961, ..., 1 for 50 of 1000) or ``trailing`` (999, 979,
+    ..., 19), last step to ``alphas_cumprod[0]`` (``set_alpha_to_one=False``), no clipping. ``schedule_params``
+    are our ``ldm.diffusion.NoiseSchedule`` params; non-rescaled ``scaled_linear``, ``linear`` and ``cosine``
+    (diffusers' ``squaredcos_cap_v2``: the same improved-DDPM formula, cap 0.999) schedules map.
     """
     from diffusers import DDIMScheduler
 
     s = dict(to_container(dict(schedule_params)))
     kind = s.get("kind", "scaled_linear")
-    if kind not in ("scaled_linear", "linear") or s.get("rescale_zero_terminal_snr") or s.get("betas") is not None:
+    if kind not in DIFFUSERS_BETA_SCHEDULES or s.get("rescale_zero_terminal_snr") or s.get("betas") is not None:
         raise ValueError(f"no diffusers DDIMScheduler equivalent set up here for schedule {s}")
     if parameterization not in PREDICTION_TYPES:
         raise ValueError(f"parameterization must be one of {sorted(PREDICTION_TYPES)}, got {parameterization!r}")
-    defaults = {"scaled_linear": (0.00085, 0.012), "linear": (1e-4, 2e-2)}[kind]
+    if timestep_spacing not in ("leading", "trailing"):
+        raise ValueError(f"timestep_spacing must be 'leading' or 'trailing', got {timestep_spacing!r}")
+    defaults = {"scaled_linear": (0.00085, 0.012), "linear": (1e-4, 2e-2), "cosine": (None, None)}[kind]
     beta_start = s.get("beta_start") if s.get("beta_start") is not None else defaults[0]
     beta_end = s.get("beta_end") if s.get("beta_end") is not None else defaults[1]
+    endpoints = {} if kind == "cosine" else {"beta_start": float(beta_start), "beta_end": float(beta_end)}
     return DDIMScheduler(
         num_train_timesteps=int(s.get("num_timesteps", 1000)),
-        beta_start=float(beta_start),
-        beta_end=float(beta_end),
-        beta_schedule=kind,
+        beta_schedule=DIFFUSERS_BETA_SCHEDULES[kind],
         clip_sample=False,
         set_alpha_to_one=False,
-        steps_offset=1,
-        timestep_spacing="leading",
+        steps_offset=1 if timestep_spacing == "leading" else 0,
+        timestep_spacing=timestep_spacing,
         prediction_type=PREDICTION_TYPES[parameterization],
+        **endpoints,
     )
 
 

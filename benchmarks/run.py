@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """CPU benchmarks of our UNet, VAE and txt2img, next to diffusers running the same weights.
 
-    python benchmarks/run.py [--json OUT] [--quick] [--threads N] [--only CASE[,CASE]] [--no-memory]
+    python benchmarks/run.py [--json OUT] [--quick] [--threads N] [--only CASE[,CASE]] [--no-memory] [--no-compile]
 
 Needs diffusers for the comparison columns (``pip install -e .[bench]``); without it only our side is timed.
 
@@ -9,8 +9,10 @@ Per case (see ``benchmarks/cases.py``): the diffusers model gets our weights thr
 LDM-checkpoint converters (``benchmarks/diffusers_compat.py``), both outputs are compared (max abs diff, and
 relative to the largest output value), then ours and diffusers' are called in turn (ours, theirs, ours, ...)
 after warm-up, and the medians are reported with their ratio. The UNet step and training step also get their
-FLOPs counted (``FlopCounterMode``) and set against the measured rate of a 2048^3 fp32 matmul; our UNet step is
-also timed under bf16 autocast and in channels_last. Peak resident memory is measured per case and
+FLOPs counted (``FlopCounterMode``) and set against the measured rate of a 2048^3 fp32 matmul. Our UNet step,
+VAE decode and txt2img are also timed with the speed settings of ``ldm/inference.py`` (bf16 autocast,
+channels_last, ``torch.compile``), each in the same round-robin as diffusers, so each gets its own ratio and its
+difference from our fp32 output. ``--no-compile`` skips the compiled settings (compiling takes minutes here). Peak resident memory is measured per case and
 implementation in a fresh subprocess (its ``VmHWM``, the peak that ``ru_maxrss`` would give but for the parent's
 RSS that Linux carries over fork + exec), reported as growth over that process's RSS after its imports.
 
@@ -99,6 +101,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="txt2img weights (.safetensors with config; default: ldm/assets/demo-shapes.safetensors)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--no-diffusers", action="store_true", help="time ours only")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile settings (slow to compile)")
     parser.add_argument("--memory-worker", metavar="CASE", help=argparse.SUPPRESS)
     parser.add_argument("--impl", choices=("ours", "diffusers"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -181,35 +184,40 @@ def run_case(case: str, args, settings: Settings, use_diffusers: bool, peak_gflo
     del fns
     rows = [row]
     if work.make_variants is not None:
-        work.theirs = None  # free the diffusers model before ours is copied for channels_last
-        gc.collect()
-        rows += time_variants(work, reference, row, settings, peak_gflops)
+        rows += time_variants(work, reference, row, settings, peak_gflops, compile=not args.no_compile)
     del work, reference
     gc.collect()
     return rows
 
 
-def time_variants(work, reference, row: Row, settings: Settings, peak_gflops: float) -> list[Row]:
-    """Our alternative settings (bf16 autocast, channels_last), round-robin with our fp32 default layout."""
+def time_variants(work, reference, row: Row, settings: Settings, peak_gflops: float, compile: bool = True) -> list[Row]:
+    """Our speed settings (bf16 autocast, channels_last, torch.compile), round-robin with our fp32 default and
+    with diffusers (when it runs), so each setting gets its own ours/diffusers ratio."""
     from benchmarks.diffusers_compat import max_abs_diff
 
-    variants = work.make_variants()
+    log.info("  our speed settings%s ...", " (compiling first)" if compile else "")
+    variants = work.make_variants(compile=compile)
     scale = float(reference.abs().max())
-    diffs = {name: max_abs_diff(reference, fn()) for name, fn in variants.items()}
-    times = harness.alternate({"fp32": work.ours, **variants}, settings.warmup, settings.min_repeats,
-                              settings.max_repeats, settings.budget_s)
+    diffs = {name: max_abs_diff(reference, fn()) for name, fn in variants.items()}  # also compiles
+    fns = {"fp32": work.ours, **({"diffusers": work.theirs} if work.theirs is not None else {}), **variants}
+    times = harness.alternate(fns, settings.warmup, settings.min_repeats, settings.max_repeats, settings.budget_s)
     base = harness.median_or_none(times["fp32"])
+    theirs = harness.median_or_none(times.get("diffusers", []))
     rows = []
     for name in variants:
         t = harness.median_or_none(times[name])
-        variant = Row(case=row.case, setting=row.setting, impl=f"ours, {name}", ours_s=t, repeats=len(times[name]),
-                      compared=f"{row.compared} vs ours fp32", max_abs_diff=diffs[name], flops=row.flops)
+        variant = Row(case=row.case, setting=row.setting, impl=f"ours, {name}", per=row.per, ours_s=t / work.items,
+                      repeats=len(times[name]), compared=f"{row.compared} vs ours fp32", max_abs_diff=diffs[name],
+                      flops=row.flops)
+        if theirs is not None:
+            variant.diffusers_s = theirs / work.items
+            variant.ratio = t / theirs
         variant.rel_diff = diffs[name] / scale if scale > 0 else None
         if row.flops:
             variant.ours_gflops = row.flops / t / 1e9
             variant.ours_pct_peak = 100 * variant.ours_gflops / peak_gflops
         variant.notes.append(f"diff vs ours fp32; {t / base:.2f}x the time of ours fp32 default layout "
-                             f"({harness.fmt_time(base)} in the same round-robin)")
+                             f"({harness.fmt_time(base / work.items, row.per)} in the same round-robin)")
         rows.append(variant)
     return rows
 

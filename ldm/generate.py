@@ -19,6 +19,23 @@ def seeded_noise(shape: Sequence[int], seeds: Sequence[int]) -> torch.Tensor:
     return torch.stack([torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(s))) for s in seeds])
 
 
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def autocast_for(device: torch.device | str, precision: str):
+    """Autocast context for the UNet: ``fp32`` (none), ``bf16``, or ``fp16`` (CUDA only: on the CPU fp16 is
+    unusably slow and often unsupported). A ``ValueError`` for anything else."""
+    device = torch.device(device)
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+    if precision == "fp32":
+        return nullcontext()
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("--precision fp16 needs a CUDA device; on the CPU use bf16 or fp32")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
 @torch.no_grad()
 def generate(
     model: LatentDiffusion,

@@ -324,6 +324,23 @@ def _tensorboard_available() -> bool:
     return True
 
 
+class FinalCheckpoint(Callback):
+    """At the end of training, ``step<N>.ckpt`` and ``last.ckpt`` for the final step when ``max_steps`` is not a
+    multiple of ``every`` (``ModelCheckpoint`` only saves on that grid, so the last steps would be lost to
+    ``--resume`` and to ``export_diffusion``)."""
+
+    def __init__(self, dirpath: str | os.PathLike, every: int):
+        self.dirpath = Path(dirpath)
+        self.every = int(every)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        step = trainer.global_step
+        if step == 0 or step % self.every == 0 or trainer.interrupted:
+            return
+        trainer.save_checkpoint(self.dirpath / f"step{step:06d}.ckpt")
+        trainer.save_checkpoint(self.dirpath / "last.ckpt")
+
+
 def build_trainer(
     run_dir: str | os.PathLike,
     max_steps: int,
@@ -344,7 +361,7 @@ def build_trainer(
     """A step-bound Lightning ``Trainer`` writing into ``run_dir`` (see the module docstring for the layout).
 
     Callbacks: tqdm progress bar, ``ModelCheckpoint`` (``step<N>.ckpt`` every ``checkpoint_every`` steps, all kept,
-    plus ``last.ckpt``), ``NaNGuard``, ``StepTimer`` (reachable as ``trainer.step_timer``), an ``ImageGridLogger``
+    plus ``last.ckpt``), ``FinalCheckpoint`` (the same at the last step when it is off that grid), ``NaNGuard``, ``StepTimer`` (reachable as ``trainer.step_timer``), an ``ImageGridLogger``
     into ``run_dir/images`` every ``image_every`` steps (when given; the module needs ``log_images``) and
     ``extra_callbacks``.
     Validation runs every ``val_every`` optimizer steps (never when ``None``). ``precision`` goes through
@@ -369,7 +386,7 @@ def build_trainer(
         save_on_train_epoch_end=False,
     )
     timer = StepTimer()
-    callbacks = [checkpoint, NaNGuard(), timer]
+    callbacks = [checkpoint, FinalCheckpoint(run_dir / "checkpoints", checkpoint_every), NaNGuard(), timer]
     if enable_progress_bar:
         callbacks.insert(0, TQDMProgressBar(refresh_rate=1))
     if image_every:

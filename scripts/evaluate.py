@@ -30,7 +30,7 @@ import torch  # noqa: E402
 from ldm.assets import DEMO_CHECKPOINT  # noqa: E402
 from ldm.diffusion import SAMPLERS  # noqa: E402
 from ldm.eval.shapes_eval import EVAL_PROMPTS, evaluate_images, format_table  # noqa: E402
-from ldm.generate import generate  # noqa: E402
+from ldm.generate import autocast_for, generate  # noqa: E402
 from ldm.images import save_grid  # noqa: E402
 from ldm.models.latent_diffusion import LatentDiffusion  # noqa: E402
 
@@ -46,7 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--guidance", type=float, default=5.0)
     parser.add_argument("--n-samples", type=int, default=1, help="images per prompt (different seeds)")
     parser.add_argument("--seed", type=int, default=1000)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=49, help="97 prompts: two batches")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="UNet autocast (CPU: bf16)")
     parser.add_argument("--categories", nargs="*", default=None, help=f"subset of {list(EVAL_PROMPTS)}")
     parser.add_argument("--json", default=None, help="write per-category results (and per-item scores) here")
     parser.add_argument("--grid-dir", default=None, help="save a sample grid per category here")
@@ -76,6 +77,7 @@ def evaluate_model(
     batch_size: int = 32,
     categories=None,
     progress: bool = True,
+    precision: str = "fp32",
 ) -> tuple[dict, dict]:
     """Sample every evaluation prompt ``n_samples`` times and score it; returns (results, images by category)."""
     categories = categories or list(EVAL_PROMPTS)
@@ -86,7 +88,7 @@ def evaluate_model(
     seeds = [seed + k for k in range(len(jobs))]
     size = (model.config or {}).get("image_size", 64)
     images = generate(model, [p for _, p in jobs], sampler, seeds, guidance_scale=guidance, height=size, width=size,
-                      batch_size=batch_size, progress=progress)
+                      batch_size=batch_size, progress=progress, autocast=autocast_for("cpu", precision))
     results = evaluate_images([(c, p, image) for (c, p), image in zip(jobs, images)])
     by_category = {c: torch.stack([im for (cc, _), im in zip(jobs, images) if cc == c]) for c in categories}
     return results, by_category
@@ -98,18 +100,20 @@ def sweep(model: LatentDiffusion, args: argparse.Namespace) -> list[dict]:
     runs = [(name, steps) for name in samplers if name != "ddpm" for steps in args.sweep_steps]
     if "ddpm" in samplers:
         runs.append(("ddpm", model.schedule.num_timesteps))
+    os.makedirs(args.out_dir, exist_ok=True)
     rows = []
     for name, steps in runs:
         sampler = model.build_sampler(sampler_spec(name, steps, args.eta))
         start = time.perf_counter()
         results, _ = evaluate_model(model, sampler, args.guidance, args.n_samples, args.seed, args.batch_size,
-                                    args.categories, progress=not args.no_progress)
+                                    args.categories, progress=not args.no_progress, precision=args.precision)
         row = {"sampler": name, "steps": steps, "nfe": sampler.num_model_evaluations,
                "seconds": round(time.perf_counter() - start, 1), "overall": results["overall"]["accuracy"]}
         row.update({c: r["accuracy"] for c, r in results["per_category"].items()})
         rows.append(row)
         log.info("%s %d steps (%d NFE): overall %.3f", name, steps, row["nfe"], row["overall"])
-    os.makedirs(args.out_dir, exist_ok=True)
+        with open(os.path.join(args.out_dir, "sweep.json"), "w", encoding="utf-8") as handle:
+            json.dump(rows, handle, indent=2)  # after every row: an interrupted sweep keeps what it measured
     categories = [c for c in rows[0] if c not in ("sampler", "steps", "nfe", "seconds")]
     lines = ["| sampler | steps | NFE | " + " | ".join(categories) + " | seconds |",
              "|---|---:|---:|" + "---:|" * len(categories) + "---:|"]
@@ -118,10 +122,10 @@ def sweep(model: LatentDiffusion, args: argparse.Namespace) -> list[dict]:
         lines.append(f"| {row['sampler']} | {row['steps']} | {row['nfe']} | {cells} | {row['seconds']} |")
     table = "\n".join(lines)
     print("\n" + table)
+    settings = (f"{os.path.basename(args.ckpt)}, guidance {args.guidance:g}, {args.precision}, "
+                f"{args.n_samples} sample(s) per prompt, seed {args.seed}")
     with open(os.path.join(args.out_dir, "sweep.md"), "w", encoding="utf-8") as handle:
-        handle.write(table + "\n")
-    with open(os.path.join(args.out_dir, "sweep.json"), "w", encoding="utf-8") as handle:
-        json.dump(rows, handle, indent=2)
+        handle.write(f"Prompt accuracy (%) by sampler and steps ({settings})\n\n{table}\n")
     plot_sweep(rows, os.path.join(args.out_dir, "sweep.png"))
     return rows
 
@@ -161,10 +165,10 @@ def main(argv=None) -> dict:
     start = time.perf_counter()
     results, images = evaluate_model(
         model, sampler, args.guidance, n_samples=args.n_samples, seed=args.seed, batch_size=args.batch_size,
-        categories=args.categories, progress=not args.no_progress,
+        categories=args.categories, progress=not args.no_progress, precision=args.precision,
     )
     seconds = time.perf_counter() - start
-    print(f"\n{args.sampler} {sampler.num_model_evaluations} network evaluations, guidance {args.guidance}, "
+    print(f"\n{args.sampler} {sampler.num_model_evaluations} network evaluations, guidance {args.guidance}, {args.precision}, "
           f"{args.n_samples} sample(s) per prompt, {seconds:.0f} s\n")
     print(format_table(results))
     accuracy = {c: row["accuracy"] for c, row in results["per_category"].items()}

@@ -16,7 +16,6 @@ import logging
 import os
 import sys
 import time
-from contextlib import nullcontext
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -26,8 +25,9 @@ import torch  # noqa: E402
 
 from ldm.assets import DEMO_CHECKPOINT  # noqa: E402
 from ldm.diffusion import SAMPLERS  # noqa: E402
-from ldm.generate import generate  # noqa: E402
+from ldm.generate import autocast_for, generate  # noqa: E402
 from ldm.images import save_grid, save_png_with_metadata  # noqa: E402
+from ldm.inference import prepare_for_inference  # noqa: E402
 from ldm.models.latent_diffusion import LatentDiffusion  # noqa: E402
 
 log = logging.getLogger("txt2img")
@@ -51,6 +51,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--outdir", default="outputs/txt2img")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"],
+                        help="NHWC weights and activations (ldm/inference.py); auto: on for CUDA")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the UNet and VAE decoder (first call compiles; CPU needs a C++ compiler)")
     parser.add_argument("--no-progress", action="store_true", help="turn the progress bar off")
     return parser.parse_args(argv)
 
@@ -74,16 +78,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for but no CUDA device is available; use --device cpu")
     return torch.device(name)
-
-
-def autocast_for(device: torch.device, precision: str):
-    """Autocast context for the UNet; fp16 only on CUDA (on CPU it is unusably slow and often unsupported)."""
-    if precision == "fp32":
-        return nullcontext()
-    if precision == "fp16" and device.type != "cuda":
-        raise ValueError("--precision fp16 needs a CUDA device; on the CPU use bf16 or fp32")
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def sampler_settings(args: argparse.Namespace) -> dict:
@@ -122,8 +116,8 @@ def main(argv=None) -> list[str]:
     except ValueError as error:
         raise SystemExit(f"error: {error}")
     model.to(device)
-    if device.type == "cuda":
-        model.unet.to(memory_format=torch.channels_last)
+    channels_last = args.channels_last == "on" or (args.channels_last == "auto" and device.type == "cuda")
+    prepare_for_inference(model, channels_last=channels_last, compile=args.compile)
 
     os.makedirs(args.outdir, exist_ok=True)
     jobs = [prompt for prompt in prompts for _ in range(args.n_samples)]

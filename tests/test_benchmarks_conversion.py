@@ -120,15 +120,23 @@ def test_unconvertible_configs_are_value_errors():
         dc.diffusers_unet_config({**TINY_UNET, "num_heads": 2, "attention_resolutions": [2], "num_res_blocks": [1, 2]})
 
 
-def test_ddim_scheduler_setup_matches_our_ddim_sampler():
-    """Same timesteps, and the same trajectory for a closed-form denoiser (float64, 20 steps)."""
-    schedule_params = {"kind": "scaled_linear", "num_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012}
+@pytest.mark.parametrize(
+    "schedule_params, parameterization, spacing, first_two, last",
+    [
+        ({"kind": "scaled_linear", "num_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012}, "eps", "leading",
+         [951, 901], 1),
+        ({"kind": "cosine", "num_timesteps": 1000}, "v", "trailing", [999, 949], 49),  # the shipped demo's setting
+    ],
+)
+def test_ddim_scheduler_setup_matches_our_ddim_sampler(schedule_params, parameterization, spacing, first_two, last):
+    """Same betas and timesteps, and the same trajectory for a closed-form denoiser (float64, 20 steps)."""
     schedule = NoiseSchedule(**schedule_params)
-    sampler = DDIMSampler(schedule, num_steps=20)
-    scheduler = dc.diffusers_ddim_scheduler(schedule_params)
+    sampler = DDIMSampler(schedule, num_steps=20, timestep_spacing=spacing, parameterization=parameterization)
+    scheduler = dc.diffusers_ddim_scheduler(schedule_params, parameterization, spacing)
+    torch.testing.assert_close(scheduler.betas.double(), schedule.betas, atol=1e-6, rtol=1e-5)
     scheduler.set_timesteps(20)
     assert scheduler.timesteps.tolist() == sampler.timesteps.tolist()
-    assert sampler.timesteps.tolist()[:2] == [951, 901] and sampler.timesteps.tolist()[-1] == 1
+    assert sampler.timesteps.tolist()[:2] == first_two and sampler.timesteps.tolist()[-1] == last
 
     def eps_model(x, t, cond):
         return 0.3 * x + 0.001 * t.to(x.dtype).view(-1, 1, 1, 1)

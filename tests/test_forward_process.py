@@ -179,3 +179,27 @@ def test_bad_inputs():
         schedule.model_output_to_x0_eps(torch.randn(2, 4), x0, torch.tensor([1, 2]))
     with pytest.raises(ValueError):
         q_sample(x0, torch.randn(2, 3), torch.tensor([0.5, 0.5, 0.5]))
+
+
+def test_matched_filter_snr_against_monte_carlo():
+    """x_t = sqrt(a) s + sqrt(1-a) eps; the detector <x_t, s>/||s|| has mean^2 / variance = a ||s||^2 / (1-a)."""
+    from ldm.diffusion import matched_filter_snr
+
+    g = torch.Generator().manual_seed(0)
+    signal = torch.randn(4, 8, 8, generator=g, dtype=torch.float64) * 0.3
+    a = 0.02
+    x_t = a**0.5 * signal + (1 - a) ** 0.5 * torch.randn(50_000, 4, 8, 8, generator=g, dtype=torch.float64)
+    statistic = (x_t * signal).flatten(1).sum(1) / signal.norm()
+    empirical = float(statistic.mean() ** 2 / statistic.var())
+    expected = matched_filter_snr(signal, a)
+    assert expected == pytest.approx(a * float(signal.pow(2).sum()) / (1 - a))
+    assert empirical == pytest.approx(expected, rel=0.05)
+
+
+def test_layout_leak_script_on_the_shipped_autoencoder():
+    """The README's numbers: SD's schedule leaves an object visible at t = T (SNR > 1), cosine does not."""
+    from scripts import layout_leak
+
+    table = layout_leak.main([])
+    assert table[("scaled_linear (SD)", "small")] > 1 and table[("scaled_linear (SD)", "large")] > 1
+    assert table[("cosine", "small")] < 1e-4 and table[("cosine", "large")] < 1e-4

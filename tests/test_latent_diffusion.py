@@ -229,3 +229,48 @@ def test_config_gradient_clipping_reaches_the_trainer(autoencoder_file, tmp_path
     train_diffusion.main(["--config", CONFIG, "--autoencoder", autoencoder_file, "--run-dir", str(tmp_path),
                           "--max-steps", "1", "lightning.gradient_clip_val=0.5"])
     assert seen["gradient_clip_val"] == 0.5
+
+
+def test_warmup_then_cosine_learning_rate_closed_form():
+    from ldm.models.diffusion_trainer import warmup_lr_factor
+
+    assert [warmup_lr_factor(step, 4) for step in (0, 1, 3, 4, 10_000)] == [0.25, 0.5, 1.0, 1.0, 1.0]
+    # cosine from step 4 to 104, floor 0.1: half way is 0.1 + 0.9 * (1 + cos(pi/2)) / 2 = 0.55
+    cosine = [warmup_lr_factor(step, 4, "cosine", 104, 0.1) for step in (0, 4, 54, 104, 500)]
+    assert cosine == pytest.approx([0.25, 1.0, 0.55, 0.1, 0.1])
+    with pytest.raises(ValueError, match="unknown lr_schedule 'linear'"):
+        warmup_lr_factor(10, 4, "linear", 100)
+    with pytest.raises(ValueError, match="needs the total number of steps"):
+        warmup_lr_factor(10, 4, "cosine", None)
+    assert warmup_lr_factor(0, 1, "cosine", 1) == 1.0  # a 1-step run with 1 warm-up step: no decay to do
+
+
+def test_training_run_follows_the_configured_cosine_learning_rate(trained):
+    """The tiny config: lr 1e-3, warm-up 1 step, cosine to 0.1x at max_steps 4, logged before each step."""
+    import csv
+    import math
+
+    _, run_dir = trained
+    rows = list(csv.DictReader(open(next((run_dir / "logs").rglob("metrics.csv")))))
+    logged = [float(row["lr"]) for row in rows if row.get("lr")]
+    expected = [1e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p))) for p in (0, 0, 1 / 3, 2 / 3)]
+    assert logged == pytest.approx(expected)
+
+
+def test_model_sampler_defaults_survive_export_and_yield_to_explicit_settings(trained):
+    model = LatentDiffusion.from_checkpoint(trained[0])  # tiny config: cosine over 100 steps, ddim trailing
+    assert model.sampler_defaults == {"ddim": {"timestep_spacing": "trailing"}}
+    assert model.build_sampler({"name": "ddim", "num_steps": 4}).timesteps.tolist() == [99, 74, 49, 24]
+    leading = model.build_sampler({"name": "ddim", "num_steps": 4, "timestep_spacing": "leading"})
+    assert leading.timesteps.tolist() == [76, 51, 26, 1]
+    assert model.build_sampler("ddpm").timesteps.tolist() == list(range(99, -1, -1))  # no defaults for ddpm
+
+
+def test_last_step_off_the_checkpoint_grid_is_checkpointed(trained, autoencoder_file, tmp_path):
+    """max_steps 3 with checkpoint_every 2: step 3 is saved too (as step000003.ckpt and last.ckpt)."""
+    train_diffusion.main(["--config", CONFIG, "--autoencoder", autoencoder_file, "--run-dir", str(tmp_path),
+                          "--max-steps", "3"])
+    checkpoints = tmp_path / "checkpoints"
+    assert {"step000002.ckpt", "step000003.ckpt", "last.ckpt"} <= set(os.listdir(checkpoints))
+    last = torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["global_step"] == 3

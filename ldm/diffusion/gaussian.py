@@ -171,6 +171,18 @@ def training_target(x0: torch.Tensor, noise: torch.Tensor, alpha_cumprod: Coeffi
     return get_v(x0, noise, alpha_cumprod)
 
 
+def matched_filter_snr(signal: torch.Tensor, alpha_cumprod: float) -> float:
+    """How visible a known latent pattern ``signal`` (e.g. one object's ``z - z_background``) still is in
+    ``x_t = sqrt(abar) (z_background + signal) + sqrt(1 - abar) eps``: the squared signal-to-noise ratio of the
+    best linear detector ``<x_t, signal> / ||signal||``, ``abar ||signal||^2 / (1 - abar)``.
+
+    At ``t = T`` it should be << 1: otherwise training teaches the model to read the pattern off ``x_T``, which
+    sampling (from pure noise) never provides.
+    """
+    a = float(alpha_cumprod)
+    return a * float(signal.double().pow(2).sum()) / (1.0 - a)
+
+
 def normal_kl(mean1, logvar1, mean2, logvar2) -> torch.Tensor:
     """Elementwise ``KL(N(mean1, e^logvar1) || N(mean2, e^logvar2))`` in nats (broadcasting):
     ``0.5 (logvar2 - logvar1 + e^(logvar1 - logvar2) + (mean1 - mean2)^2 e^-logvar2 - 1)``."""

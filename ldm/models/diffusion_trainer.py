@@ -8,6 +8,7 @@ the raw ones; they are what sampling and export use.
 
 from __future__ import annotations
 
+import math
 import random
 from typing import Any, Mapping, Sequence
 
@@ -19,10 +20,36 @@ from ldm.models.latent_diffusion import LatentDiffusion
 from ldm.modules.ema import EMA
 
 
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def warmup_lr_factor(step: int, warmup_steps: int, schedule: str = "constant", total_steps: int | None = None,
+                     min_factor: float = 0.0) -> float:
+    """Multiplier of the base learning rate at optimizer step ``step`` (0-based).
+
+    Linear warm-up ``(step + 1) / warmup_steps`` for the first ``warmup_steps``, then ``constant`` (1) or
+    ``cosine``: ``min + (1 - min) * (1 + cos(pi * p)) / 2`` with ``p = (step - warmup) / (total - warmup)``
+    clipped to [0, 1], so the rate reaches ``min_factor`` at ``total_steps`` and stays there.
+    """
+    warmup = max(1, int(warmup_steps))
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    if schedule != "cosine":
+        raise ValueError(f"unknown lr_schedule {schedule!r}; valid: {', '.join(LR_SCHEDULES)}")
+    if not total_steps or total_steps < 1:
+        raise ValueError(f"lr_schedule 'cosine' needs the total number of steps, got {total_steps}")
+    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+    return min_factor + (1.0 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
 class DiffusionTrainer(pl.LightningModule):
     """Args:
         model: the :class:`LatentDiffusion` to train (only ``model.unet`` gets gradients).
         learning_rate, weight_decay, betas: AdamW settings; ``warmup_steps`` of linear warm-up.
+        lr_schedule: after warm-up, ``constant`` or ``cosine`` decay to ``lr_min_factor * learning_rate`` at the
+            trainer's ``max_steps`` (:func:`warmup_lr_factor`).
         p_uncond: probability of replacing a caption with the empty prompt.
         min_snr_gamma: optional min-SNR-gamma loss weighting (Hang et al. 2023).
         ema_decay: EMA decay (``None`` disables EMA).
@@ -38,6 +65,8 @@ class DiffusionTrainer(pl.LightningModule):
         weight_decay: float = 0.01,
         betas: Sequence[float] = (0.9, 0.999),
         warmup_steps: int = 1000,
+        lr_schedule: str = "constant",
+        lr_min_factor: float = 0.0,
         p_uncond: float = 0.1,
         min_snr_gamma: float | None = None,
         ema_decay: float | None = 0.9999,
@@ -58,7 +87,11 @@ class DiffusionTrainer(pl.LightningModule):
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
         self.betas = tuple(betas)
+        if lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"unknown lr_schedule {lr_schedule!r}; valid: {', '.join(LR_SCHEDULES)}")
         self.warmup_steps = warmup_steps
+        self.lr_schedule = lr_schedule
+        self.lr_min_factor = lr_min_factor
         self.p_uncond = p_uncond
         self.min_snr_gamma = min_snr_gamma
         self.image_key = image_key
@@ -129,8 +162,11 @@ class DiffusionTrainer(pl.LightningModule):
         optimizer = torch.optim.AdamW(
             self.model.unet.parameters(), lr=self.learning_rate, weight_decay=self.weight_decay, betas=self.betas
         )
-        warmup = max(1, int(self.warmup_steps))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        total_steps = self.trainer.max_steps if self.lr_schedule == "cosine" else None
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda step: warmup_lr_factor(step, self.warmup_steps, self.lr_schedule, total_steps, self.lr_min_factor),
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ---------------------------------------------------------------- EMA and images

@@ -45,6 +45,9 @@ class LatentDiffusion(nn.Module):
         scale_factor: latent scale (1/std of the autoencoder's latents).
         parameterization: what the UNet predicts: ``eps``, ``x0`` or ``v``.
         config: the full config (``autoencoder``, ``text_encoder``, ``unet``, ``schedule`` nodes) kept for export.
+        sampler_defaults: per-sampler keyword defaults this model was trained for, e.g.
+            ``{"ddim": {"timestep_spacing": "trailing"}}`` for a schedule whose last step is pure noise; an
+            explicit spec overrides them. Stored in the config (``sampler_defaults``), so exports keep them.
     """
 
     def __init__(
@@ -56,6 +59,7 @@ class LatentDiffusion(nn.Module):
         scale_factor: float,
         parameterization: str = "eps",
         config: Mapping[str, Any] | None = None,
+        sampler_defaults: Mapping[str, Mapping[str, Any]] | None = None,
     ):
         super().__init__()
         if parameterization not in ("eps", "x0", "v"):
@@ -69,6 +73,7 @@ class LatentDiffusion(nn.Module):
         self.scale_factor = float(scale_factor)
         self.parameterization = parameterization
         self.config = to_container(config) if config is not None else None
+        self.sampler_defaults = {name: dict(kw) for name, kw in (to_container(sampler_defaults) or {}).items()}
         self._empty_context: torch.Tensor | None = None
 
     # ---------------------------------------------------------------- building
@@ -104,6 +109,7 @@ class LatentDiffusion(nn.Module):
             scale_factor=scale,
             parameterization=config.get("parameterization", "eps"),
             config={**config, "scale_factor": float(scale)},
+            sampler_defaults=config.get("sampler_defaults"),
         )
 
     @classmethod
@@ -218,7 +224,7 @@ class LatentDiffusion(nn.Module):
             spec = {"name": spec}
         spec = dict(to_container(spec))
         name = spec.pop("name")
-        spec.update(overrides)
+        spec = {**self.sampler_defaults.get(name, {}), **spec, **overrides}
         spec.setdefault("parameterization", self.parameterization)
         return build_sampler(name, self.schedule, **spec)
 
