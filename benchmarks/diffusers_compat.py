@@ -27,6 +27,7 @@ from typing import Any, Callable, Mapping, Optional
 import torch
 from torch import nn
 
+from ldm.diffusion.schedules import DEFAULT_BETA_ENDPOINTS
 from ldm.util import to_container
 
 logger = logging.getLogger(__name__)
@@ -311,10 +312,12 @@ def diffusers_ddim_scheduler(schedule_params: Mapping[str, Any], parameterizatio
         raise ValueError(f"parameterization must be one of {sorted(PREDICTION_TYPES)}, got {parameterization!r}")
     if timestep_spacing not in ("leading", "trailing"):
         raise ValueError(f"timestep_spacing must be 'leading' or 'trailing', got {timestep_spacing!r}")
-    defaults = {"scaled_linear": (0.00085, 0.012), "linear": (1e-4, 2e-2), "cosine": (None, None)}[kind]
-    beta_start = s.get("beta_start") if s.get("beta_start") is not None else defaults[0]
-    beta_end = s.get("beta_end") if s.get("beta_end") is not None else defaults[1]
-    endpoints = {} if kind == "cosine" else {"beta_start": float(beta_start), "beta_end": float(beta_end)}
+    endpoints = {}
+    if kind != "cosine":  # cosine is defined by alpha_bar alone
+        default_start, default_end = DEFAULT_BETA_ENDPOINTS[kind]
+        beta_start = s.get("beta_start") if s.get("beta_start") is not None else default_start
+        beta_end = s.get("beta_end") if s.get("beta_end") is not None else default_end
+        endpoints = {"beta_start": float(beta_start), "beta_end": float(beta_end)}
     return DDIMScheduler(
         num_train_timesteps=int(s.get("num_timesteps", 1000)),
         beta_schedule=DIFFUSERS_BETA_SCHEDULES[kind],

@@ -24,7 +24,7 @@ import torch
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "cosine")
 
-_DEFAULT_ENDPOINTS = {
+DEFAULT_BETA_ENDPOINTS = {
     "linear": (1e-4, 2e-2),
     "scaled_linear": (0.00085, 0.012),
 }
@@ -125,7 +125,7 @@ def make_beta_schedule(
             raise ValueError("the cosine schedule takes no beta_start/beta_end (it is defined by abar, s=0.008)")
         betas = cosine_betas(num_timesteps)
     else:
-        default_start, default_end = _DEFAULT_ENDPOINTS[kind]
+        default_start, default_end = DEFAULT_BETA_ENDPOINTS[kind]
         start = default_start if beta_start is None else beta_start
         end = default_end if beta_end is None else beta_end
         betas = linear_betas(num_timesteps, start, end) if kind == "linear" else scaled_linear_betas(

@@ -23,6 +23,12 @@ from ldm.modules.ema import EMA
 LR_SCHEDULES = ("constant", "cosine")
 
 
+def check_lr_schedule(schedule: str) -> str:
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"unknown lr_schedule {schedule!r}; valid: {', '.join(LR_SCHEDULES)}")
+    return schedule
+
+
 def warmup_lr_factor(step: int, warmup_steps: int, schedule: str = "constant", total_steps: int | None = None,
                      min_factor: float = 0.0) -> float:
     """Multiplier of the base learning rate at optimizer step ``step`` (0-based).
@@ -34,10 +40,8 @@ def warmup_lr_factor(step: int, warmup_steps: int, schedule: str = "constant", t
     warmup = max(1, int(warmup_steps))
     if step < warmup:
         return (step + 1) / warmup
-    if schedule == "constant":
+    if check_lr_schedule(schedule) == "constant":
         return 1.0
-    if schedule != "cosine":
-        raise ValueError(f"unknown lr_schedule {schedule!r}; valid: {', '.join(LR_SCHEDULES)}")
     if not total_steps or total_steps < 1:
         raise ValueError(f"lr_schedule 'cosine' needs the total number of steps, got {total_steps}")
     progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
@@ -87,10 +91,8 @@ class DiffusionTrainer(pl.LightningModule):
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
         self.betas = tuple(betas)
-        if lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"unknown lr_schedule {lr_schedule!r}; valid: {', '.join(LR_SCHEDULES)}")
         self.warmup_steps = warmup_steps
-        self.lr_schedule = lr_schedule
+        self.lr_schedule = check_lr_schedule(lr_schedule)  # at construction, not at the first step after warm-up
         self.lr_min_factor = lr_min_factor
         self.p_uncond = p_uncond
         self.min_snr_gamma = min_snr_gamma
