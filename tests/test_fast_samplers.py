@@ -206,6 +206,10 @@ def test_step_functions_formulas():
     x_e, D_e = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
     expected = x + (s_n - s) * (d + (x_e - D_e) / s_n) / 2
     torch.testing.assert_close(heun_step(x, D, x_e, D_e, s, s_n), expected, rtol=1e-13, atol=1e-13)
+    # Heun's correction of the Euler point is ((sigma / sigma_next) - 1) / 2 times the change of the denoiser
+    x_e = euler_step(x, D, s, s_n)
+    correction = heun_step(x, D, x_e, D_e, s, s_n) - x_e
+    torch.testing.assert_close(correction, (s / s_n - 1) / 2 * (D_e - D), rtol=1e-12, atol=1e-12)
     # DPM-Solver++: first order is the DDIM / Euler step; second order with r = h_last / h (Lu et al. Alg. 2)
     h, h_last = math.log(s / s_n), math.log(s_prev / s)
     first = (s_n / s) * x - math.expm1(-h) * D

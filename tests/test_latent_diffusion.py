@@ -274,3 +274,47 @@ def test_last_step_off_the_checkpoint_grid_is_checkpointed(trained, autoencoder_
     assert {"step000002.ckpt", "step000003.ckpt", "last.ckpt"} <= set(os.listdir(checkpoints))
     last = torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=False)
     assert last["global_step"] == 3
+
+
+def test_trainable_text_encoder_is_trained_averaged_and_exported(trained, tmp_path):
+    weights, _ = trained
+    out = train_diffusion.main(["--config", CONFIG, "--init-from", weights, "--run-dir", str(tmp_path), "--max-steps",
+                                "3", "model.text_encoder.params.freeze=false",
+                                "trainer.params.cond_stage_trainable=true", "lightning.image_every=100"])
+    start, after = load_file(weights), load_file(out)
+    text_keys = [k for k in start if k.startswith("cond_stage_model.")]
+    moved = [k for k in text_keys if not torch.equal(start[k], after[k])]
+    assert "cond_stage_model.model.positional_embedding" in moved and len(moved) > len(text_keys) // 2
+    for key in (k for k in start if k.startswith("first_stage_model.")):
+        assert torch.equal(start[key], after[key]), key
+
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    ema_keys = [k for k in checkpoint if k.startswith("cond_stage_ema.") and k.endswith("positional_embedding")]
+    assert len(ema_keys) == 1, ema_keys
+    raw = checkpoint["model.cond_stage_model.model.positional_embedding"]
+    assert not torch.equal(raw, checkpoint[ema_keys[0]])
+    torch.testing.assert_close(after["cond_stage_model.model.positional_embedding"], checkpoint[ema_keys[0]])
+
+    from scripts import export_diffusion
+
+    exported = load_file(export_diffusion.main(["--run", str(tmp_path), "--init-from", weights,
+                                                "--out", str(tmp_path / "re-export.safetensors")]))
+    assert exported.keys() == after.keys()
+    for key in after:  # the export script rebuilds the trainable encoder and its EMA from the run's config
+        torch.testing.assert_close(exported[key], after[key], rtol=0, atol=0)
+
+
+def test_trainable_text_encoder_must_be_built_unfrozen(autoencoder_file):
+    with pytest.raises(ValueError, match="text_encoder.params.freeze: false"):
+        DiffusionTrainer(build_tiny_model(autoencoder_file), cond_stage_trainable=True)
+
+
+def test_empty_prompt_context_follows_a_trainable_text_encoder(autoencoder_file):
+    model = build_tiny_model(autoencoder_file)
+    frozen_context = model.empty_context(1).clone()
+    model.cond_stage_model.model.positional_embedding.data += 1.0
+    torch.testing.assert_close(model.empty_context(1), frozen_context)  # frozen: computed once
+    model.cond_stage_model.requires_grad_(True)
+    changed = model.empty_context(2)
+    assert changed.shape[0] == 2 and not torch.allclose(changed[0], frozen_context[0])
+    torch.testing.assert_close(changed[0], model.encode_text([""])[0])

@@ -1,13 +1,15 @@
-"""Lightning module that trains the UNet of a :class:`LatentDiffusion` (the other parts stay frozen).
+"""Lightning module that trains the UNet of a :class:`LatentDiffusion`, and optionally its text encoder
+(``cond_stage_trainable``, as in CompVis' LatentDiffusion); the autoencoder stays frozen.
 
 Per step (DDPM Algorithm 1 on latents): ``z0 = scale * E(x)``, captions dropped to ``""`` with probability
 ``p_uncond`` (this trains the unconditional branch used by classifier-free guidance), ``t ~ U{0..T-1}``,
-loss ``||target - unet(z_t, t, c)||^2`` with target eps, x0 or v. EMA weights of the UNet are kept beside
-the raw ones; they are what sampling and export use.
+loss ``||target - unet(z_t, t, c)||^2`` with target eps, x0 or v. EMA weights of the UNet (and of a trained
+text encoder) are kept beside the raw ones; they are what sampling and export use.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 from typing import Any, Mapping, Sequence
@@ -50,7 +52,10 @@ def warmup_lr_factor(step: int, warmup_steps: int, schedule: str = "constant", t
 
 class DiffusionTrainer(pl.LightningModule):
     """Args:
-        model: the :class:`LatentDiffusion` to train (only ``model.unet`` gets gradients).
+        model: the :class:`LatentDiffusion` to train (``model.unet`` gets gradients, the autoencoder never).
+        cond_stage_trainable: also train the text encoder (it must be built unfrozen: ``text_encoder.params.freeze:
+            false``). Worth it when the encoder is not pretrained: a frozen random tower barely encodes which
+            attribute words belong to which object.
         learning_rate, weight_decay, betas: AdamW settings; ``warmup_steps`` of linear warm-up.
         lr_schedule: after warm-up, ``constant`` or ``cosine`` decay to ``lr_min_factor * learning_rate`` at the
             trainer's ``max_steps`` (:func:`warmup_lr_factor`).
@@ -81,13 +86,23 @@ class DiffusionTrainer(pl.LightningModule):
         guidance_scale: float = 5.0,
         sample_height: int = 64,
         sample_width: int = 64,
+        cond_stage_trainable: bool = False,
     ):
         super().__init__()
         if not 0.0 <= p_uncond <= 1.0:
             raise ValueError(f"p_uncond must be in [0, 1], got {p_uncond}")
+        if cond_stage_trainable and not any(p.requires_grad for p in model.cond_stage_model.parameters()):
+            raise ValueError(
+                "cond_stage_trainable is set but the text encoder has no trainable parameters: build it with "
+                "model.text_encoder.params.freeze: false"
+            )
         self.model = model
+        self.cond_stage_trainable = bool(cond_stage_trainable)
         # Averages the wrapper, not the bare UNet, so EMA keys read model_ema.diffusion_model* as in SD checkpoints.
         self.model_ema = EMA(model.model, decay=ema_decay) if ema_decay is not None else None
+        self.cond_stage_ema = (
+            EMA(model.cond_stage_model, decay=ema_decay) if ema_decay is not None and self.cond_stage_trainable else None
+        )
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
         self.betas = tuple(betas)
@@ -127,7 +142,7 @@ class DiffusionTrainer(pl.LightningModule):
         Validation: posterior means, every caption, the plain unweighted loss (comparable across configs)."""
         images, captions = self._unpack(batch)
         latents = self.model.encode_images(images, sample=training)
-        with torch.no_grad():
+        with torch.set_grad_enabled(training and self.cond_stage_trainable and torch.is_grad_enabled()):
             context = self.model.encode_text(self.drop_captions(captions) if training else captions)
         loss = diffusion_loss(
             self.model.model_fn,
@@ -152,6 +167,8 @@ class DiffusionTrainer(pl.LightningModule):
         # module's, so an EMA update there would be missing from the checkpoint saved at that step.
         if self.model_ema is not None:
             self.model_ema.update(self.model.model)
+        if self.cond_stage_ema is not None:
+            self.cond_stage_ema.update(self.model.cond_stage_model)
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
         generator = torch.Generator(device=self.device).manual_seed(batch_idx)  # the same t and noise each time
@@ -160,9 +177,16 @@ class DiffusionTrainer(pl.LightningModule):
         self.log("val/loss", loss, prog_bar=True, batch_size=batch_size)
         return loss
 
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """The UNet's parameters, and the text encoder's trainable ones when ``cond_stage_trainable``."""
+        params = list(self.model.unet.parameters())
+        if self.cond_stage_trainable:
+            params += [p for p in self.model.cond_stage_model.parameters() if p.requires_grad]
+        return params
+
     def configure_optimizers(self):
         optimizer = torch.optim.AdamW(
-            self.model.unet.parameters(), lr=self.learning_rate, weight_decay=self.weight_decay, betas=self.betas
+            self.trainable_parameters(), lr=self.learning_rate, weight_decay=self.weight_decay, betas=self.betas
         )
         total_steps = self.trainer.max_steps if self.lr_schedule == "cosine" else None
         scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -172,13 +196,16 @@ class DiffusionTrainer(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ---------------------------------------------------------------- EMA and images
+    @contextlib.contextmanager
     def ema_weights(self):
-        """Context manager: the UNet runs with EMA weights inside, raw weights are restored after."""
-        if self.model_ema is None:
-            from contextlib import nullcontext
-
-            return nullcontext()
-        return self.model_ema.average_parameters(self.model.model)
+        """Context manager: the UNet (and a trained text encoder) run with EMA weights inside, raw weights are
+        restored after."""
+        with contextlib.ExitStack() as stack:
+            if self.model_ema is not None:
+                stack.enter_context(self.model_ema.average_parameters(self.model.model))
+            if self.cond_stage_ema is not None:
+                stack.enter_context(self.cond_stage_ema.average_parameters(self.model.cond_stage_model))
+            yield
 
     @torch.no_grad()
     def log_images(self, batch: Mapping[str, Any] | None = None, max_images: int | None = None) -> dict[str, torch.Tensor]:
@@ -188,8 +215,8 @@ class DiffusionTrainer(pl.LightningModule):
         """
         generator = torch.Generator(device="cpu").manual_seed(0)
         height, width = self.sample_size
-        was_training = self.model.unet.training
-        self.model.unet.eval()
+        was_training = self.model.training
+        self.model.eval()
         try:
             with self.ema_weights():
                 samples = self.model.sample(
@@ -202,11 +229,11 @@ class DiffusionTrainer(pl.LightningModule):
                     progress=False,
                 )
         finally:
-            self.model.unet.train(was_training)
+            self.model.train(was_training)
         return {"samples": samples.clamp(-1, 1)}
 
     def export_state_dict(self) -> dict[str, torch.Tensor]:
-        """The whole model's weights with the UNet's EMA weights in place (what sampling should use)."""
+        """The whole model's weights with the EMA weights in place (what sampling should use)."""
         with self.ema_weights():
             return {key: value.detach().clone() for key, value in self.model.state_dict().items()}
 

@@ -150,11 +150,16 @@ class LatentDiffusion(nn.Module):
         return self.cond_stage_model.encode(list(prompts))
 
     def empty_context(self, batch_size: int) -> torch.Tensor:
-        """The empty prompt's context, computed once: the unconditional branch of guidance."""
-        if self._empty_context is None or self._empty_context.device != self.device:
+        """The empty prompt's context: the unconditional branch of guidance. Computed once for a frozen text
+        encoder; a trainable one changes under training (and under EMA swaps), so it is recomputed."""
+        trainable = any(p.requires_grad for p in self.cond_stage_model.parameters())
+        if trainable or self._empty_context is None or self._empty_context.device != self.device:
             with torch.no_grad():
-                self._empty_context = self.encode_text([""])
-        return self._empty_context.expand(batch_size, -1, -1)
+                context = self.encode_text([""])
+            self._empty_context = None if trainable else context
+        else:
+            context = self._empty_context
+        return context.expand(batch_size, -1, -1)
 
     @property
     def device(self) -> torch.device:
