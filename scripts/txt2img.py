@@ -25,7 +25,7 @@ import torch  # noqa: E402
 
 from ldm.assets import DEMO_CHECKPOINT  # noqa: E402
 from ldm.diffusion import SAMPLERS  # noqa: E402
-from ldm.generate import autocast_for, generate  # noqa: E402
+from ldm.generate import PRECISIONS, autocast_for, generate  # noqa: E402
 from ldm.images import save_grid, save_png_with_metadata  # noqa: E402
 from ldm.inference import prepare_for_inference  # noqa: E402
 from ldm.models.latent_diffusion import LatentDiffusion  # noqa: E402
@@ -50,7 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--outdir", default="outputs/txt2img")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--precision", default="fp32", choices=PRECISIONS)
     parser.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"],
                         help="NHWC weights and activations (ldm/inference.py); auto: on for CUDA")
     parser.add_argument("--compile", action="store_true",
