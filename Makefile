@@ -19,6 +19,7 @@ $(VENV)/.installed: setup.py constraints.txt
 
 test: install
 	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m slow
 
 test-slow: install
 	$(PY) -m pytest -q -m slow

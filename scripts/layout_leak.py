@@ -6,6 +6,8 @@ Encodes single-object renders of the shapes dataset with the model's autoencoder
 each object's latent footprint ``z(object) - z(empty image)`` and prints its matched-filter signal-to-noise ratio
 at the last timestep (``ldm.diffusion.matched_filter_snr``) under Stable Diffusion's ``scaled_linear`` schedule and
 the ``cosine`` one. Above ~1 the layout is readable from ``x_T`` during training, but sampling starts from pure noise.
+A second table gives, per schedule, the timestep from which that SNR stays below 4 and below 1: only training draws
+above it teach the model where the prompt puts an object (the shapes configs' ``high_noise_from``).
 """
 
 from __future__ import annotations
@@ -53,6 +55,22 @@ def leak_table(model: LatentDiffusion) -> dict[tuple[str, str], float]:
     return table
 
 
+def hidden_from(model: LatentDiffusion, thresholds=(4.0, 1.0)) -> dict[tuple[str, str, float], int | None]:
+    """``{(schedule, size, threshold): first t from which the mean matched-filter SNR stays below threshold}``
+    (``None`` when it is still above at ``t = T - 1``)."""
+    result = {}
+    for size in SIZES:
+        energy = object_footprints(model, size).double().pow(2).sum(dim=(1, 2, 3)).mean()
+        for name, params in SCHEDULES.items():
+            abar = NoiseSchedule(**params).alphas_cumprod.double()
+            snr = abar * energy / (1 - abar)  # matched_filter_snr for every t at once
+            for threshold in thresholds:
+                visible = (snr >= threshold).nonzero()
+                last_visible = int(visible[-1]) if len(visible) else -1
+                result[(name, size, threshold)] = last_visible + 1 if last_visible + 1 < len(snr) else None
+    return result
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", default=DEMO_CHECKPOINT, help="a whole-model file (its autoencoder is used)")
@@ -63,7 +81,13 @@ def main(argv=None) -> dict:
     for name, params in SCHEDULES.items():
         abar_T = float(NoiseSchedule(**params).alphas_cumprod[-1])
         print(f"| {name} | {abar_T:.2g} | {table[(name, 'small')]:.3g} | {table[(name, 'large')]:.3g} |")
-    return table
+    hidden = hidden_from(model)
+    print("\n| schedule | object | SNR < 4 from t | SNR < 1 from t |\n|---|---|---:|---:|")
+    for name in SCHEDULES:
+        for size in SIZES:
+            cells = ["never" if hidden[(name, size, th)] is None else str(hidden[(name, size, th)]) for th in (4.0, 1.0)]
+            print(f"| {name} | {size} | {cells[0]} | {cells[1]} |")
+    return {"snr_at_T": table, "hidden_from": hidden}
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from ldm.diffusion import NoiseSchedule, diffusion_loss, min_snr_weight
+from ldm.diffusion import NoiseSchedule, diffusion_loss, high_noise_timestep_density, min_snr_weight, sample_timesteps
 
 
 def test_targets_and_reduction():
@@ -84,6 +84,37 @@ def test_timesteps_are_uniform_and_reproducible():
     assert counts.numel() == 10 and seen[0].min() >= 0 and seen[0].max() <= 9
     # each of the 10 timesteps ~ Binomial(20000, 0.1): sd ~ 42
     assert (counts - 2000).abs().max().item() < 5 * math.sqrt(20000 * 0.1 * 0.9)
+
+
+def test_high_noise_band_density_closed_form_and_draws():
+    """p(t) = (1 - q) / T + q 1[t >= s] / (T - s): the band {s..T-1} gets q + (1 - q)(T - s)/T of the draws."""
+    T, s, q = 20, 15, 0.3
+    density = high_noise_timestep_density(T, s, q)
+    in_band, below = q / (T - s) + (1 - q) / T, (1 - q) / T
+    expected = torch.tensor([below] * s + [in_band] * (T - s), dtype=torch.float64)
+    torch.testing.assert_close(density, expected, rtol=1e-15, atol=0)
+    assert math.isclose(float(density[s:].sum()), q + (1 - q) * (T - s) / T, rel_tol=1e-12)
+    torch.testing.assert_close(high_noise_timestep_density(T, s, 0.0), torch.full((T,), 1 / T, dtype=torch.float64))
+
+    n = 100_000
+    t = sample_timesteps(n, T, generator=torch.Generator().manual_seed(7), density=density)
+    assert t.dtype == torch.int64 and t.min() >= 0 and t.max() <= T - 1
+    counts = torch.bincount(t, minlength=T).double()
+    sd = (n * expected * (1 - expected)).sqrt()
+    assert ((counts - n * expected).abs() / sd).max().item() < 5
+    again = sample_timesteps(n, T, generator=torch.Generator().manual_seed(7), density=density)
+    assert torch.equal(t, again)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [((10, 10, 0.3), "band_start"), ((10, -1, 0.3), "band_start"), ((10, 5, 1.5), "band_prob"), ((0, 0, 0.1), "num_timesteps")],
+)
+def test_high_noise_band_density_rejects_bad_arguments(args, message):
+    with pytest.raises(ValueError, match=message):
+        high_noise_timestep_density(*args)
+    with pytest.raises(ValueError, match=r"shape \[10\]"):
+        sample_timesteps(4, 10, density=torch.ones(9) / 9)
 
 
 def test_low_precision_inputs():

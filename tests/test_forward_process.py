@@ -198,8 +198,29 @@ def test_matched_filter_snr_against_monte_carlo():
 
 def test_layout_leak_script_on_the_shipped_autoencoder():
     """The README's numbers: SD's schedule leaves an object visible at t = T (SNR > 1), cosine does not."""
+    from ldm.assets import DEMO_CHECKPOINT
+    from ldm.diffusion import matched_filter_snr
+    from ldm.models.latent_diffusion import LatentDiffusion
     from scripts import layout_leak
 
-    table = layout_leak.main([])
+    result = layout_leak.main([])
+    table = result["snr_at_T"]
     assert table[("scaled_linear (SD)", "small")] > 1 and table[("scaled_linear (SD)", "large")] > 1
     assert table[("cosine", "small")] < 1e-4 and table[("cosine", "large")] < 1e-4
+    # Under cosine an object stays visible until late: the band the shapes configs oversample starts below
+    # these steps. Each boundary is checked against matched_filter_snr at that step and the one before it.
+    hidden = result["hidden_from"]
+    assert hidden[("scaled_linear (SD)", "large", 1.0)] is None
+    model = LatentDiffusion.from_checkpoint(DEMO_CHECKPOINT).eval()
+    abar = NoiseSchedule(kind="cosine", num_timesteps=1000).alphas_cumprod
+    for size in ("small", "large"):
+        footprints = layout_leak.object_footprints(model, size)
+        for threshold in (4.0, 1.0):
+            t = hidden[("cosine", size, threshold)]
+            assert 900 < t < 1000
+
+            def mean_snr(step):
+                return sum(matched_filter_snr(f, float(abar[step])) for f in footprints) / len(footprints)
+
+            assert mean_snr(t - 1) >= threshold > mean_snr(t)
+        assert hidden[("cosine", size, 4.0)] < hidden[("cosine", size, 1.0)]

@@ -318,3 +318,55 @@ def test_empty_prompt_context_follows_a_trainable_text_encoder(autoencoder_file)
     changed = model.empty_context(2)
     assert changed.shape[0] == 2 and not torch.allclose(changed[0], frozen_context[0])
     torch.testing.assert_close(changed[0], model.encode_text([""])[0])
+
+
+def test_high_noise_band_draws_training_timesteps_but_not_validation_ones(autoencoder_file):
+    model = build_tiny_model(autoencoder_file)
+    seen = []
+    model_fn = model.model_fn
+
+    def recording_model_fn(x, t, cond):
+        seen.append(t.clone())
+        return model_fn(x, t, cond)
+
+    model.model_fn = recording_model_fn
+    module = DiffusionTrainer(model, ema_decay=None, high_noise_prob=1.0, high_noise_from=90)
+    data = TinyCaptionedImages(8)
+    batch = {"image": torch.stack([data[i]["image"] for i in range(8)]), "caption": [data[i]["caption"] for i in range(8)]}
+    for _ in range(5):
+        module.batch_loss(batch, training=True)
+    trained_t = torch.cat(seen)
+    assert trained_t.min() >= 90 and trained_t.max() <= model.schedule.num_timesteps - 1
+    assert len(trained_t.unique()) > 1
+    seen.clear()
+    module.batch_loss(batch, training=False, generator=torch.Generator().manual_seed(0))
+    assert seen[0].min() < 90  # validation stays uniform: 8 draws all >= 90 have probability 1e-8
+
+
+def test_high_noise_band_needs_its_start(autoencoder_file):
+    with pytest.raises(ValueError, match="high_noise_from"):
+        DiffusionTrainer(build_tiny_model(autoencoder_file), ema_decay=None, high_noise_prob=0.3)
+
+
+@pytest.mark.parametrize(
+    "config_path",
+    ["configs/latent-diffusion/shapes-small.yaml", "configs/latent-diffusion/shapes-small-eps.yaml",
+     "configs/latent-diffusion/shapes.yaml", "configs/demo/diffusion.yaml"],
+)
+def test_shipped_diffusion_configs_build_their_model_trainer_and_data(config_path, autoencoder_file):
+    """Every key in the repository's configs is one the code takes (a misspelt key would raise here)."""
+    from ldm.training import build_dataloaders
+    from ldm.util import instantiate_from_config
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    config = load_config(os.path.join(root, config_path))
+    train_diffusion.check_config(config)
+    model = train_diffusion.build_model(to_container(config.model), autoencoder_file)
+    module = instantiate_from_config(config.trainer, path="trainer", model=model)
+    assert isinstance(module, DiffusionTrainer)
+    train_params = config.data.train.params
+    if module.timestep_density is not None:
+        band = module.timestep_density[config.trainer.params.high_noise_from:].sum().item()
+        assert band > config.trainer.params.high_noise_prob
+    train_loader, _ = build_dataloaders(config.data)
+    assert train_loader.dataset.two_object_prob == train_params.get("two_object_prob", 0.5)

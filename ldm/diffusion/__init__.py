@@ -31,7 +31,7 @@ from .gaussian import (
     training_target,
 )
 from .guidance import cat_batch, classifier_free_guidance
-from .losses import diffusion_loss, min_snr_weight, sample_timesteps
+from .losses import diffusion_loss, high_noise_timestep_density, min_snr_weight, sample_timesteps
 from .noise_schedule import ZERO_TERMINAL_SNR_ALPHA_CUMPROD, NoiseSchedule, terminal_alpha_cumprod
 from .samplers import (
     SAMPLERS,
@@ -92,6 +92,7 @@ __all__ = [
     "randn_like",
     "diffusion_loss",
     "min_snr_weight",
+    "high_noise_timestep_density",
     "sample_timesteps",
     "VariationalBound",
     "variational_bound",

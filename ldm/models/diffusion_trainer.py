@@ -2,9 +2,10 @@
 (``cond_stage_trainable``, as in CompVis' LatentDiffusion); the autoencoder stays frozen.
 
 Per step (DDPM Algorithm 1 on latents): ``z0 = scale * E(x)``, captions dropped to ``""`` with probability
-``p_uncond`` (this trains the unconditional branch used by classifier-free guidance), ``t ~ U{0..T-1}``,
-loss ``||target - unet(z_t, t, c)||^2`` with target eps, x0 or v. EMA weights of the UNet (and of a trained
-text encoder) are kept beside the raw ones; they are what sampling and export use.
+``p_uncond`` (this trains the unconditional branch used by classifier-free guidance), ``t ~ U{0..T-1}`` (or a
+density that oversamples the high-noise steps: ``high_noise_prob``), loss ``||target - unet(z_t, t, c)||^2``
+with target eps, x0 or v. EMA weights of the UNet (and of a trained text encoder) are kept beside the raw ones;
+they are what sampling and export use.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any, Mapping, Sequence
 import pytorch_lightning as pl
 import torch
 
-from ldm.diffusion import diffusion_loss
+from ldm.diffusion import diffusion_loss, high_noise_timestep_density, sample_timesteps
 from ldm.models.latent_diffusion import LatentDiffusion
 from ldm.modules.ema import EMA
 
@@ -61,6 +62,9 @@ class DiffusionTrainer(pl.LightningModule):
             trainer's ``max_steps`` (:func:`warmup_lr_factor`).
         p_uncond: probability of replacing a caption with the empty prompt.
         min_snr_gamma: optional min-SNR-gamma loss weighting (Hang et al. 2023).
+        high_noise_prob, high_noise_from: draw a training ``t`` from ``{high_noise_from .. T-1}`` with probability
+            ``high_noise_prob``, else uniformly (:func:`ldm.diffusion.high_noise_timestep_density`); 0 is DDPM's
+            uniform draw. Validation always draws uniformly.
         ema_decay: EMA decay (``None`` disables EMA).
         image_key, caption_key: batch keys.
         sample_prompts: prompts for the grid sampled every ``sample_every`` steps (by the image callback).
@@ -78,6 +82,8 @@ class DiffusionTrainer(pl.LightningModule):
         lr_min_factor: float = 0.0,
         p_uncond: float = 0.1,
         min_snr_gamma: float | None = None,
+        high_noise_prob: float = 0.0,
+        high_noise_from: int | None = None,
         ema_decay: float | None = 0.9999,
         image_key: str = "image",
         caption_key: str = "caption",
@@ -96,6 +102,13 @@ class DiffusionTrainer(pl.LightningModule):
                 "cond_stage_trainable is set but the text encoder has no trainable parameters: build it with "
                 "model.text_encoder.params.freeze: false"
             )
+        if high_noise_prob and high_noise_from is None:
+            raise ValueError("high_noise_prob > 0 needs high_noise_from, the first timestep of the oversampled band")
+        self.timestep_density = (
+            high_noise_timestep_density(model.schedule.num_timesteps, high_noise_from, high_noise_prob)
+            if high_noise_prob
+            else None
+        )
         self.model = model
         self.cond_stage_trainable = bool(cond_stage_trainable)
         # Averages the wrapper, not the bare UNet, so EMA keys read model_ema.diffusion_model* as in SD checkpoints.
@@ -138,12 +151,17 @@ class DiffusionTrainer(pl.LightningModule):
 
     # ---------------------------------------------------------------- training
     def batch_loss(self, batch: Mapping[str, Any], training: bool, generator: torch.Generator | None = None):
-        """``(loss, batch size)``. Training: posterior samples, caption dropout, min-SNR weighting.
-        Validation: posterior means, every caption, the plain unweighted loss (comparable across configs)."""
+        """``(loss, batch size)``. Training: posterior samples, caption dropout, the configured timestep density and
+        min-SNR weighting. Validation: posterior means, every caption, uniform ``t``, the plain unweighted loss
+        (comparable across configs)."""
         images, captions = self._unpack(batch)
         latents = self.model.encode_images(images, sample=training)
         with torch.set_grad_enabled(training and self.cond_stage_trainable and torch.is_grad_enabled()):
             context = self.model.encode_text(self.drop_captions(captions) if training else captions)
+        t = None
+        if training and self.timestep_density is not None:
+            t = sample_timesteps(len(latents), self.model.schedule.num_timesteps, latents.device, generator,
+                                 self.timestep_density)
         loss = diffusion_loss(
             self.model.model_fn,
             self.model.schedule,
@@ -151,6 +169,7 @@ class DiffusionTrainer(pl.LightningModule):
             cond=context,
             parameterization=self.model.parameterization,
             min_snr_gamma=self.min_snr_gamma if training else None,
+            t=t,
             generator=generator,
         )
         return loss, len(captions)
@@ -231,9 +250,4 @@ class DiffusionTrainer(pl.LightningModule):
         finally:
             self.model.train(was_training)
         return {"samples": samples.clamp(-1, 1)}
-
-    def export_state_dict(self) -> dict[str, torch.Tensor]:
-        """The whole model's weights with the EMA weights in place (what sampling should use)."""
-        with self.ema_weights():
-            return {key: value.detach().clone() for key, value in self.model.state_dict().items()}
 
