@@ -151,15 +151,15 @@ def main(argv=None) -> str:
     import pytorch_lightning as pl
 
     pl.seed_everything(seed, workers=True, verbose=False)
-    name = os.path.splitext(os.path.basename(args.config))[0]
-    if args.resume and name == "config":
-        name = os.path.basename(os.path.normpath(str(resumed_run)))
-    run_dir = make_run_dir(args.run_dir, name, resume_ckpt)
-
     try:
         module = instantiate_from_config(config.model, path="model")
     except PerceptualWeightsUnavailable as error:
         raise SystemExit(f"error: {error}") from None
+    # Only now: a bad model config fails without leaving an empty run folder behind.
+    name = os.path.splitext(os.path.basename(args.config))[0]
+    if args.resume and name == "config":
+        name = os.path.basename(os.path.normpath(str(resumed_run)))
+    run_dir = make_run_dir(args.run_dir, name, resume_ckpt)
     save_run_config(run_dir, config)
     train_loader, val_loader = build_dataloaders(config.data, seed=seed)
 

@@ -100,11 +100,12 @@ def main(argv=None) -> str:
     lightning_cfg = config.get("lightning", {})
     max_steps = args.max_steps or lightning_cfg.get("max_steps", 10000)
 
-    name = os.path.splitext(os.path.basename(args.config))[0]
-    run_dir = make_run_dir(args.run_dir, name, args.resume)
     pl.seed_everything(lightning_cfg.get("seed", 0))  # the frozen random text tower depends on it
     model = build_model(to_container(config.model), args.autoencoder, args.init_from)
     module = instantiate_from_config(config.trainer, path="trainer", model=model)
+    # Only now: a bad model or trainer config fails without leaving an empty run folder behind.
+    name = os.path.splitext(os.path.basename(args.config))[0]
+    run_dir = make_run_dir(args.run_dir, name, args.resume)
     save_run_config(run_dir, config)
     resume_from = find_resume_checkpoint(args.resume)[0] if args.resume else None
 

@@ -1,6 +1,7 @@
 """Training the autoencoder: loss goes down, manual GAN optimization, NaN stop, checkpoints/resume, the scripts."""
 
 import json
+import os
 import sys
 import types
 
@@ -191,6 +192,7 @@ def test_train_script_stops_at_start_without_lpips_weights(tmp_path, blobs_modul
     with pytest.raises(SystemExit, match="vgg16-397923af.pth"):
         train_autoencoder.main(["--config", str(config), "--run-dir", str(tmp_path / "run"),
                                 "model.params.lossconfig.params.perceptual_weight=1.0"])
+    assert not os.path.exists(tmp_path / "run")  # stopped before any run folder was made
 
 
 def test_ema_weights_follow_the_litema_update(tmp_path):

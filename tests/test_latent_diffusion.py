@@ -210,11 +210,13 @@ def test_init_from_starts_every_weight_from_a_trained_model(trained, tmp_path):
     assert LatentDiffusion.from_checkpoint(out).scale_factor == pytest.approx(0.7)
 
 
-def test_init_from_and_autoencoder_are_exclusive(trained, autoencoder_file):
+def test_init_from_and_autoencoder_are_exclusive(trained, autoencoder_file, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default run folder is runs/<config>-<time> under the working directory
     with pytest.raises(ValueError, match="exactly one"):
         train_diffusion.main(["--config", CONFIG, "--init-from", trained[0], "--autoencoder", autoencoder_file])
     with pytest.raises(ValueError, match="not a whole-model file"):
         train_diffusion.main(["--config", CONFIG, "--init-from", autoencoder_file])
+    assert not os.path.exists(tmp_path / "runs")  # refused before any run folder was made
 
 
 def test_config_gradient_clipping_reaches_the_trainer(autoencoder_file, tmp_path, monkeypatch):
