@@ -24,7 +24,7 @@ import torch  # noqa: E402
 
 from ldm.assets import DEMO_CHECKPOINT  # noqa: E402
 from ldm.data.shapes import SHAPES, SIZES, ShapeSpec, render  # noqa: E402
-from ldm.diffusion import NoiseSchedule, matched_filter_snr  # noqa: E402
+from ldm.diffusion import NoiseSchedule  # noqa: E402
 from ldm.models.latent_diffusion import LatentDiffusion  # noqa: E402
 
 SCHEDULES = {
@@ -44,30 +44,29 @@ def object_footprints(model: LatentDiffusion, size: str, colour: str = "white", 
     return torch.stack([encode([ShapeSpec(shape, colour, size, position)]) - empty for shape in SHAPES])
 
 
-def leak_table(model: LatentDiffusion) -> dict[tuple[str, str], float]:
-    """``{(schedule, size): mean matched-filter SNR at t = T over the shapes}``."""
-    table = {}
-    for size in SIZES:
-        footprints = object_footprints(model, size)
-        for name, params in SCHEDULES.items():
-            abar_T = float(NoiseSchedule(**params).alphas_cumprod[-1])
-            table[(name, size)] = sum(matched_filter_snr(f, abar_T) for f in footprints) / len(footprints)
-    return table
-
-
-def hidden_from(model: LatentDiffusion, thresholds=(4.0, 1.0)) -> dict[tuple[str, str, float], int | None]:
-    """``{(schedule, size, threshold): first t from which the mean matched-filter SNR stays below threshold}``
-    (``None`` when it is still above at ``t = T - 1``)."""
-    result = {}
+def snr_curves(model: LatentDiffusion) -> dict[tuple[str, str], torch.Tensor]:
+    """``{(schedule, size): float64 [T]}``: the mean over the shapes of ``matched_filter_snr(footprint, abar_t)``
+    at every ``t``, i.e. ``abar_t / (1 - abar_t) * mean ||footprint||^2`` (each footprint is encoded once)."""
+    curves = {}
     for size in SIZES:
         energy = object_footprints(model, size).double().pow(2).sum(dim=(1, 2, 3)).mean()
         for name, params in SCHEDULES.items():
             abar = NoiseSchedule(**params).alphas_cumprod.double()
-            snr = abar * energy / (1 - abar)  # matched_filter_snr for every t at once
-            for threshold in thresholds:
-                visible = (snr >= threshold).nonzero()
-                last_visible = int(visible[-1]) if len(visible) else -1
-                result[(name, size, threshold)] = last_visible + 1 if last_visible + 1 < len(snr) else None
+            curves[(name, size)] = abar * energy / (1 - abar)
+    return curves
+
+
+def hidden_from(
+    curves: dict[tuple[str, str], torch.Tensor], thresholds=(4.0, 1.0)
+) -> dict[tuple[str, str, float], int | None]:
+    """``{(schedule, size, threshold): first t from which the SNR curve stays below threshold}`` (``None`` when it
+    is still above at ``t = T - 1``)."""
+    result = {}
+    for (name, size), snr in curves.items():
+        for threshold in thresholds:
+            visible = (snr >= threshold).nonzero()
+            last_visible = int(visible[-1]) if len(visible) else -1
+            result[(name, size, threshold)] = last_visible + 1 if last_visible + 1 < len(snr) else None
     return result
 
 
@@ -76,12 +75,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--ckpt", default=DEMO_CHECKPOINT, help="a whole-model file (its autoencoder is used)")
     args = parser.parse_args(argv)
     model = LatentDiffusion.from_checkpoint(args.ckpt).eval()
-    table = leak_table(model)
+    curves = snr_curves(model)
+    table = {key: float(snr[-1]) for key, snr in curves.items()}  # at t = T
     print("| schedule | alpha_bar_T | small object | large object |\n|---|---:|---:|---:|")
     for name, params in SCHEDULES.items():
         abar_T = float(NoiseSchedule(**params).alphas_cumprod[-1])
         print(f"| {name} | {abar_T:.2g} | {table[(name, 'small')]:.3g} | {table[(name, 'large')]:.3g} |")
-    hidden = hidden_from(model)
+    hidden = hidden_from(curves)
     print("\n| schedule | object | SNR < 4 from t | SNR < 1 from t |\n|---|---|---:|---:|")
     for name in SCHEDULES:
         for size in SIZES:

@@ -223,4 +223,5 @@ def test_layout_leak_script_on_the_shipped_autoencoder():
                 return sum(matched_filter_snr(f, float(abar[step])) for f in footprints) / len(footprints)
 
             assert mean_snr(t - 1) >= threshold > mean_snr(t)
+        assert table[("cosine", size)] == pytest.approx(mean_snr(999), rel=1e-9)
         assert hidden[("cosine", size, 4.0)] < hidden[("cosine", size, 1.0)]
