@@ -137,5 +137,6 @@ def load_autoencoder(
 
 def read_data_config(path: str | os.PathLike) -> dict | None:
     """The ``data_config`` the training script stored with the weights (``None`` when absent)."""
-    meta = read_safetensors_metadata(path)
-    return json.loads(meta["data_config"]) if "data_config" in meta else None
+    if "data_config" not in read_safetensors_metadata(path):
+        return None
+    return load_config_from_checkpoint(path, key="data_config")

@@ -30,7 +30,7 @@ import torch
 
 from autoencoder.autoencoder_kl import AutoencoderKL
 from autoencoder.metrics import psnr
-from ldm.training import check_finite
+from ldm.training import check_finite, set_base_learning_rate
 from ldm.util import instantiate_from_config, to_container
 
 _PERCEPTUAL_PREFIX = "loss.perceptual_loss."
@@ -135,6 +135,9 @@ class AutoencoderKLTraining(pl.LightningModule):
             return opt_ae
         opt_disc = torch.optim.Adam(self.loss.discriminator.parameters(), lr=self.learning_rate, betas=self.adam_betas)
         return [opt_ae, opt_disc]
+
+    def on_train_start(self) -> None:
+        set_base_learning_rate(self.trainer, self.learning_rate)  # a learning rate changed on --resume applies
 
     def training_step(self, batch, batch_idx):
         opt_ae, opt_disc = self._optimizers()

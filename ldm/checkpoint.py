@@ -6,6 +6,7 @@ string entries the caller adds, e.g. ``"scale_factor"``), so one file is enough 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -15,22 +16,63 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ldm.util import to_container
+from ldm.util import check_targets, to_container
+
+
+TMP_PREFIX = ".tmp-"
+
+
+def _disk_full(error: BaseException, directory: str) -> bool:
+    """Whether ``error`` (or what caused it) is a full disk. torch's zip writer reports one as
+    ``RuntimeError: ... unexpected pos``, so an empty file system counts too."""
+    seen = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    try:
+        stats = os.statvfs(directory)
+        return stats.f_bavail * stats.f_frsize < 1 << 20
+    except OSError:
+        return False
+
+
+def _fsync_directory(directory: str) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # some file systems cannot open a directory: the rename itself is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def atomic_write(path: str | os.PathLike, write_fn) -> None:
-    """Call ``write_fn(tmp_path)`` then rename over ``path``: a crash never leaves a half-written file."""
+    """Call ``write_fn(tmp_path)``, ``fsync`` it, then rename over ``path``: a crash or power loss never leaves a
+    half-written file, and the previous ``path`` survives any failure. The temp file is removed on failure; a full
+    disk raises ``OSError(ENOSPC)`` saying which file failed and that the old one is intact."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=directory)
+    fd, tmp_path = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=os.path.basename(path), dir=directory)
     os.close(fd)
     try:
         write_fn(tmp_path)
+        with open(tmp_path, "rb+") as handle:
+            os.fsync(handle.fileno())
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp creates 0600; the result should read like any new file
         os.replace(tmp_path, path)
+        _fsync_directory(directory)
+    except Exception as error:
+        if _disk_full(error, directory):
+            kept = f"the previous {path} is intact" if os.path.exists(path) else f"{path} was not written"
+            raise OSError(errno.ENOSPC, f"no space left on device while writing {path}; {kept}") from error
+        raise
     finally:
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
@@ -90,12 +132,22 @@ def load_state_dict(path: str | os.PathLike, map_location: str | torch.device = 
     return dict(payload)
 
 
-def load_config_from_checkpoint(path: str | os.PathLike) -> dict:
-    """The config JSON stored in a ``.safetensors`` file's metadata; ``ValueError`` when it has none."""
+def load_config_from_checkpoint(path: str | os.PathLike, key: str = "config") -> dict:
+    """The config JSON stored under ``key`` in a ``.safetensors`` file's metadata, its targets checked.
+
+    The file may come from anyone, so every ``target`` in it must be on the allow-list
+    (:func:`ldm.util.check_targets`: ``UntrustedTargetError`` naming target and file, nothing imported).
+    ``ValueError`` when the entry is missing or is not JSON.
+    """
     meta = read_safetensors_metadata(path)
-    if "config" not in meta:
-        raise ValueError(f"{path}: no 'config' entry in the safetensors metadata (keys: {sorted(meta)})")
-    return json.loads(meta["config"])
+    if key not in meta:
+        raise ValueError(f"{path}: no {key!r} entry in the safetensors metadata (keys: {sorted(meta)})")
+    try:
+        config = json.loads(meta[key])
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: metadata {key!r} is not valid JSON ({error})") from error
+    check_targets(config, path, path=f"metadata.{key}")
+    return config
 
 
 def load_into(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], what: str = "model") -> None:

@@ -1,25 +1,19 @@
 """Training plumbing shared by every stage (autoencoder, diffusion): run folders, Trainer, callbacks, data loaders.
 
-Run folder layout (``make_run_dir``)::
-
-    runs/<name>-<YYYYmmdd-HHMMSS>/
-        config.yaml        the resolved config the run used
-        checkpoints/       Lightning checkpoints for resuming: last.ckpt and step<N>.ckpt every checkpoint_every steps
-        images/            PNG grids from the module's ``log_images`` hook: <key>_step<N>.png
-        logs/              CSVLogger (version_<N>/metrics.csv, one folder per fit/resume) and, when tensorboard
-                           is installed, logs/tensorboard/
-        *.safetensors      final weights, written by the stage's script
-
-Resume with ``trainer.fit(module, ..., ckpt_path=<run>/checkpoints/last.ckpt)``: checkpoints are written
-atomically (temp file + ``os.replace``) and read back with ``torch.load(weights_only=True)``.
+Run folders (layout, lock, the latest checkpoint) live in :mod:`ldm.run_folder`; what a checkpoint holds so that a
+resumed run continues exactly in :mod:`ldm.resume`. ``build_trainer`` wires both in: checkpoints are written
+atomically (temp file + ``fsync`` + ``os.replace``), read back with ``torch.load(weights_only=True)``, and carry the
+random states and data position; SIGTERM/SIGINT checkpoint the current step and end the run (:class:`GracefulStop`).
 """
 
 from __future__ import annotations
 
-import datetime as _dt
+import logging
 import math
 import os
 import re
+import signal
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -32,72 +26,111 @@ from pytorch_lightning.callbacks import Callback, ModelCheckpoint, TQDMProgressB
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from ldm.checkpoint import atomic_write
-from ldm.util import instantiate_from_config, to_container
+from ldm.data.sampler import ResumableRandomSampler
+from ldm.resume import ResumeState
+from ldm.run_folder import (  # noqa: F401  (the run-folder API has always been importable from here)
+    RUN_SUBDIRS,
+    RunFolderError,
+    RunLock,
+    find_resume_checkpoint,
+    make_run_dir,
+    prepare_run_dir,
+    save_run_config,
+)
+from ldm.util import ConfigError, instantiate_from_config, to_container
 
-RUN_SUBDIRS = ("checkpoints", "images", "logs")
 PRECISIONS = ("32-true", "bf16-mixed")
+log = logging.getLogger(__name__)
 
 
-# --------------------------------------------------------------------------------------------- run folders
+# --------------------------------------------------------------------------------------------- the lightning: section
+
+# key -> (type, default). None: off. Both training scripts read the section through lightning_settings.
+LIGHTNING_KEYS: dict[str, tuple[type, Any]] = {
+    "max_steps": (int, 10000),
+    "max_minutes": (float, None),
+    "precision": (str, "32-true"),
+    "accelerator": (str, "auto"),
+    "seed": (int, 0),
+    "log_every": (int, 50),
+    "checkpoint_every": (int, 1000),
+    "image_every": (int, 1000),
+    "max_images": (int, 8),
+    "val_every": (int, None),
+    "limit_val_batches": (float, 1.0),
+    "gradient_clip_val": (float, None),
+    "scale_lr": (bool, False),
+    "scale_factor_batches": (int, 8),
+    "export_dtype": (str, "float32"),
+}
+# What a --resume may change (the rest of a resumed run's config must match its config.yaml).
+RESUMABLE_LIGHTNING_KEYS = ("max_steps", "max_minutes", "log_every", "checkpoint_every", "image_every",
+                            "max_images", "val_every", "limit_val_batches")
 
 
-def make_run_dir(
-    run_dir: str | os.PathLike | None = None,
-    name: str = "run",
-    resume: str | os.PathLike | None = None,
-    root: str | os.PathLike = "runs",
-    timestamp: str | None = None,
-) -> Path:
-    """The run folder, created with its sub-folders.
+def _typed(value: Any, kind: type, where: str) -> Any:
+    if value is None:
+        return None
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return value  # an int stays an int: limit_val_batches 1 means one batch, 1.0 all of them
+    elif isinstance(value, str):
+        return value
+    names = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}
+    raise ConfigError(f"{where}: expected {names[kind]}, got {value!r} ({type(value).__name__})")
 
-    ``run_dir`` when given; else, when resuming, the run the checkpoint ``resume`` belongs to; else a new
-    ``root/<name>-<YYYYmmdd-HHMMSS>/`` (a numeric suffix avoids clobbering an existing run).
+
+def lightning_settings(node: Any, **defaults: Any) -> dict[str, Any]:
+    """The ``lightning:`` section with every key typed and defaulted (``defaults`` override the table's).
+
+    ``ConfigError`` naming ``lightning.<key>`` for an unknown key or a value of the wrong type.
     """
-    if run_dir is not None:
-        return prepare_run_dir(run_dir)
-    if resume is not None:
-        return prepare_run_dir(find_resume_checkpoint(resume)[1])
-    if not name or re.search(r"[\\/]", name):
-        raise ValueError(f"run name must be a non-empty name without path separators, got {name!r}")
-    stamp = timestamp or _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    path = Path(root) / f"{name}-{stamp}"
-    suffix = 1
-    while path.exists():
-        path = Path(root) / f"{name}-{stamp}-{suffix}"
-        suffix += 1
-    return prepare_run_dir(path)
+    node = to_container(node) or {}
+    if not isinstance(node, Mapping):
+        raise ConfigError(f"lightning: expected a mapping, got {type(node).__name__}")
+    unknown = sorted(set(node) - set(LIGHTNING_KEYS))
+    if unknown:
+        raise ConfigError(f"lightning: unknown key(s) {unknown}; known: {sorted(LIGHTNING_KEYS)}")
+    settings = {}
+    for key, (kind, default) in LIGHTNING_KEYS.items():
+        value = node[key] if key in node else defaults.get(key, default)
+        settings[key] = _typed(value, kind, f"lightning.{key}")
+    for key in ("max_steps", "log_every", "checkpoint_every", "seed", "max_images", "scale_factor_batches"):
+        if settings[key] is not None and settings[key] < (0 if key == "seed" else 1):
+            raise ConfigError(f"lightning.{key} must be >= {0 if key == 'seed' else 1}, got {settings[key]}")
+    for key in ("image_every", "val_every", "max_minutes"):
+        if settings[key] is not None and settings[key] <= 0:
+            settings[key] = None  # 0 means off
+    return settings
 
 
-def prepare_run_dir(run_dir: str | os.PathLike) -> Path:
-    """Make sure ``run_dir`` and its ``checkpoints/``, ``images/``, ``logs/`` exist; returns it as a Path."""
-    run_dir = Path(run_dir)
-    for sub in RUN_SUBDIRS:
-        (run_dir / sub).mkdir(parents=True, exist_ok=True)
-    return run_dir
-
-
-def save_run_config(run_dir: str | os.PathLike, config: Any, filename: str = "config.yaml") -> Path:
-    """Write the resolved config as YAML (atomically) into the run folder."""
-    path = Path(run_dir) / filename
-    text = OmegaConf.to_yaml(OmegaConf.create(to_container(config)))
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-    return path
-
-
-def find_resume_checkpoint(path: str | os.PathLike) -> tuple[Path, Path]:
-    """``(checkpoint, run_dir)`` for ``--resume``: a ``.ckpt`` file, a run folder or its ``checkpoints/`` folder."""
-    path = Path(path)
-    if path.is_dir():
-        candidates = [path / "checkpoints" / "last.ckpt", path / "last.ckpt"]
-        ckpt = next((c for c in candidates if c.is_file()), None)
-        if ckpt is None:
-            raise FileNotFoundError(f"no last.ckpt under {path} (looked for {[str(c) for c in candidates]})")
-    elif path.is_file():
-        ckpt = path
-    else:
-        raise FileNotFoundError(f"resume checkpoint not found: {path}")
-    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
-    return ckpt, run_dir
+def set_base_learning_rate(trainer: pl.Trainer, learning_rate: float) -> None:
+    """Make ``learning_rate`` the base rate of every optimizer, after a resume restored the old one from the
+    checkpoint (so a changed learning rate on ``--resume`` is applied, as documented, not silently dropped).
+    ``LambdaLR`` schedules keep their position: ``lr = learning_rate * lambda(step)``."""
+    learning_rate = float(learning_rate)
+    scheduled = set()
+    for config in trainer.lr_scheduler_configs:
+        scheduler = config.scheduler
+        if hasattr(scheduler, "lr_lambdas"):
+            scheduler.base_lrs = [learning_rate] * len(scheduler.base_lrs)
+            for group, fn in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas):
+                group["initial_lr"] = learning_rate
+                group["lr"] = learning_rate * fn(scheduler.last_epoch)
+            scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+            scheduled.add(id(scheduler.optimizer))
+    for optimizer in trainer.optimizers:
+        if id(optimizer) not in scheduled:
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate
 
 
 # --------------------------------------------------------------------------------------------- precision
@@ -187,6 +220,56 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 # --------------------------------------------------------------------------------------------- callbacks
+
+
+class GracefulStop(Callback):
+    """SIGTERM (SLURM and cloud preemption) or SIGINT: finish the current step, then end training as on a normal end
+    (``FinalCheckpoint`` writes ``step<N>.ckpt`` and ``last.ckpt``, the script exports). ``received`` holds the
+    signal and ``exit_code`` the conventional ``128 + signal`` the script should exit with. A second signal stops at
+    once (``KeyboardInterrupt``)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        super().__init__()
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.received is None else 128 + int(self.received)
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is not None:
+            self._restore()
+            raise KeyboardInterrupt
+        self.received = signum
+        log.warning("received %s: stopping after this step and saving a checkpoint (send it again to stop at once)",
+                    signal.Signals(signum).name)
+
+    def _restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # after Lightning's own SIGTERM handler (registered just before training), which would end the run with exit 0
+        if threading.current_thread() is not threading.main_thread():
+            return
+        if getattr(trainer, "received_sigterm", False):
+            self.received = signal.SIGTERM
+        for signum in self.SIGNALS:
+            self._previous[signum] = signal.signal(signum, self._handle)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.received is not None:
+            trainer.should_stop = True
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._restore()
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self._restore()
 
 
 def check_finite(value: torch.Tensor | float, step: int, name: str = "loss") -> None:
@@ -335,7 +418,9 @@ class FinalCheckpoint(Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         step = trainer.global_step
-        if step == 0 or step % self.every == 0 or trainer.interrupted:
+        if step == 0 or trainer.interrupted:
+            return
+        if step % self.every == 0 and (self.dirpath / f"step{step:06d}.ckpt").is_file():
             return
         trainer.save_checkpoint(self.dirpath / f"step{step:06d}.ckpt")
         trainer.save_checkpoint(self.dirpath / "last.ckpt")
@@ -356,14 +441,17 @@ def build_trainer(
     limit_val_batches: int | float = 1.0,
     gradient_clip_val: float | None = None,
     enable_progress_bar: bool = True,
+    train_loader: torch.utils.data.DataLoader | None = None,
     **trainer_kwargs: Any,
 ) -> pl.Trainer:
     """A step-bound Lightning ``Trainer`` writing into ``run_dir`` (see the module docstring for the layout).
 
     Callbacks: tqdm progress bar, ``ModelCheckpoint`` (``step<N>.ckpt`` every ``checkpoint_every`` steps, all kept,
-    plus ``last.ckpt``), ``FinalCheckpoint`` (the same at the last step when it is off that grid), ``NaNGuard``, ``StepTimer`` (reachable as ``trainer.step_timer``), an ``ImageGridLogger``
-    into ``run_dir/images`` every ``image_every`` steps (when given; the module needs ``log_images``) and
-    ``extra_callbacks``.
+    plus ``last.ckpt``, never ``-vN`` copies), ``FinalCheckpoint`` (the same at the last step when it is off that
+    grid), ``NaNGuard``, ``StepTimer`` (``trainer.step_timer``), ``GracefulStop`` (``trainer.graceful_stop``),
+    ``ResumeState`` (random states, and the data position of ``train_loader``'s
+    :class:`~ldm.data.sampler.ResumableRandomSampler`), an ``ImageGridLogger`` into ``run_dir/images`` every
+    ``image_every`` steps (when given; the module needs ``log_images``) and ``extra_callbacks``.
     Validation runs every ``val_every`` optimizer steps (never when ``None``). ``precision`` goes through
     ``resolve_precision`` (bf16 only where the CPU supports it, never fp16 on CPU).
     """
@@ -384,9 +472,13 @@ def build_trainer(
         save_top_k=-1,
         save_last=True,
         save_on_train_epoch_end=False,
+        # one "latest": a reused folder must overwrite last.ckpt, not add last-v1.ckpt beside a stale one
+        enable_version_counter=False,
     )
     timer = StepTimer()
-    callbacks = [checkpoint, FinalCheckpoint(run_dir / "checkpoints", checkpoint_every), NaNGuard(), timer]
+    stop = GracefulStop()
+    callbacks = [checkpoint, FinalCheckpoint(run_dir / "checkpoints", checkpoint_every), NaNGuard(), timer, stop,
+                 ResumeState.for_loader(train_loader)]
     if enable_progress_bar:
         callbacks.insert(0, TQDMProgressBar(refresh_rate=1))
     if image_every:
@@ -409,6 +501,9 @@ def build_trainer(
             "limit_val_batches": limit_val_batches,
             "num_sanity_val_steps": 0,
         }
+    if isinstance(getattr(train_loader, "sampler", None), ResumableRandomSampler):
+        # ResumeState restores the position; Lightning only knows loaders with a state_dict of their own
+        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
     trainer = pl.Trainer(
         default_root_dir=str(run_dir),
         max_steps=int(max_steps),
@@ -426,6 +521,7 @@ def build_trainer(
         **trainer_kwargs,
     )
     trainer.step_timer = timer
+    trainer.graceful_stop = stop
     trainer.run_dir = run_dir
     return trainer
 
@@ -447,23 +543,26 @@ def build_dataloader(
     path: str = "data.params.train",
     seed: int | None = None,
 ) -> torch.utils.data.DataLoader:
-    """``DataLoader`` over ``build_dataset(node)``; ``seed`` fixes the shuffling order."""
+    """``DataLoader`` over ``build_dataset(node)``; ``seed`` (default 0) fixes the shuffling order.
+
+    Shuffling uses a :class:`ResumableRandomSampler` (epoch ``e`` in the order of ``randperm(n, seed + e)``), so a
+    resumed run continues the epoch where it stopped; the loader's own generator (worker seeds) is seeded too, so
+    making an iterator never draws from the global random state that training uses.
+    """
     dataset = build_dataset(node, path)
     if len(dataset) == 0:
         raise ValueError(f"{path}: the dataset is empty")
     if drop_last and len(dataset) < batch_size:
         raise ValueError(f"{path}: {len(dataset)} samples are fewer than one batch of {batch_size}")
-    generator = None
-    if seed is not None:
-        generator = torch.Generator().manual_seed(int(seed))
+    seed = 0 if seed is None else int(seed)
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=int(batch_size),
-        shuffle=shuffle,
+        sampler=ResumableRandomSampler(len(dataset), seed=seed, shuffle=shuffle),
         num_workers=int(num_workers),
         drop_last=drop_last,
         persistent_workers=num_workers > 0,
-        generator=generator,
+        generator=torch.Generator().manual_seed(seed),
     )
 
 

@@ -7,14 +7,22 @@ A config node names what is built::
 
 ``instantiate_from_config`` imports ``target`` and calls it with ``params``. Errors name the config key
 (``path``) and the offending name, so a typo in a YAML file is reported where it was made.
+
+Building a config imports and calls code, so a config is trusted only when it is the user's own (a YAML given
+with ``--config``, a dict built in code). A config read from a file someone else may have written (weights
+metadata, a run folder's ``config.yaml``, a Stable Diffusion YAML) goes through :func:`check_targets` first: every
+``target`` must be on the allow-list (:data:`DEFAULT_ALLOWED_TARGETS` plus names added on purpose with
+:func:`allow_target` or ``--allow-target``), compared as whole names before anything is imported.
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import inspect
 import os
-from typing import Any, Mapping
+import re
+from typing import Any, Iterable, Mapping
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -23,12 +31,101 @@ class ConfigError(ValueError):
     """A config node that cannot be built: unknown target, unknown or missing parameter."""
 
 
-def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> DictConfig:
-    """Read a YAML config with OmegaConf; ``overrides`` are dotlist items such as ``model.params.lr=1e-4``."""
+class UntrustedTargetError(ConfigError):
+    """A config from a file names a ``target`` that is not on the allow-list (nothing was imported)."""
+
+
+# Whole dotted names, never prefixes: ``ldm.`` as a prefix would let ``ldm.util.os.system`` through.
+DEFAULT_ALLOWED_TARGETS = frozenset({
+    "autoencoder.AutoencoderKL",
+    "autoencoder.autoencoder_kl.AutoencoderKL",
+    "autoencoder.lightning.AutoencoderKLTraining",
+    "autoencoder.losses.LPIPSWithDiscriminator",
+    "ldm.data.image_folder.CaptionedImageFolder",
+    "ldm.data.shapes.ShapesDataset",
+    "ldm.diffusion.NoiseSchedule",
+    "ldm.diffusion.noise_schedule.NoiseSchedule",
+    "ldm.models.diffusion_trainer.DiffusionTrainer",
+    "ldm.modules.diffusionmodules.openaimodel.UNetModel",
+    "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder",
+})
+_extra_allowed_targets: set[str] = set()
+
+
+def allow_target(*targets: str) -> None:
+    """Let configs read from files name ``targets`` (whole dotted names, e.g. ``mypkg.models.MyUNet``).
+
+    Do this only for code you trust: whoever wrote the file then decides which arguments it is called with.
+    """
+    for target in targets:
+        if not isinstance(target, str) or not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+", target):
+            raise ValueError(f"allow_target: expected a dotted name like 'package.module.Class', got {target!r}")
+        _extra_allowed_targets.add(target)
+
+
+class _AllowTargetAction(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        try:
+            allow_target(values)
+        except ValueError as error:
+            parser.error(str(error))
+        getattr(namespace, self.dest).append(values)
+
+
+def add_allow_target_argument(parser: argparse.ArgumentParser) -> None:
+    """``--allow-target PKG.CLASS`` (repeatable): :func:`allow_target` for the configs this command reads from files."""
+    parser.add_argument(
+        "--allow-target", action=_AllowTargetAction, default=[], metavar="PKG.CLASS",
+        help="let configs inside weights files or run folders build this class too (repeatable); only for code you "
+             "trust, since the file decides its arguments",
+    )
+
+
+def allowed_targets() -> frozenset[str]:
+    return DEFAULT_ALLOWED_TARGETS | frozenset(_extra_allowed_targets)
+
+
+def iter_targets(config: Any, path: str = "config") -> Iterable[tuple[str, Any]]:
+    """``(path, target)`` for every mapping with a ``target`` key anywhere inside ``config`` (lists included)."""
+    config = to_container(config)
+    if isinstance(config, Mapping):
+        if "target" in config:
+            yield f"{path}.target", config["target"]
+        for key, value in config.items():
+            yield from iter_targets(value, f"{path}.{key}")
+    elif isinstance(config, (list, tuple)):
+        for index, value in enumerate(config):
+            yield from iter_targets(value, f"{path}[{index}]")
+
+
+def check_targets(config: Any, source: str | os.PathLike, path: str = "config") -> None:
+    """Refuse a config from ``source`` (a file we did not write) that names a target off the allow-list.
+
+    Raises :class:`UntrustedTargetError` with one line naming the target, where it sits and the file; nothing
+    is imported.
+    """
+    allowed = allowed_targets()
+    for where, target in iter_targets(config, path):
+        if target not in allowed:
+            raise UntrustedTargetError(
+                f"{os.fspath(source)}: {where} names {target!r}, which is not on the allow-list of buildable "
+                f"targets; if you trust this file and that code, pass --allow-target {target} "
+                f"(ldm.util.allow_target in Python)"
+            )
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None, trusted: bool = True) -> DictConfig:
+    """Read a YAML config with OmegaConf; ``overrides`` are dotlist items such as ``model.params.lr=1e-4``.
+
+    ``trusted=False`` for a file the user did not write themselves (a run folder, a downloaded YAML): its targets
+    must then be on the allow-list (:func:`check_targets`).
+    """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config file not found: {path}")
     config = OmegaConf.load(path)
+    if not trusted:
+        check_targets(config, path)
     if overrides:
         config = OmegaConf.merge(config, OmegaConf.from_dotlist(list(overrides)))
     return config

@@ -27,7 +27,7 @@ import torch  # noqa: E402
 from autoencoder.io import load_autoencoder, read_data_config, write_scale_factor  # noqa: E402
 from autoencoder.scale import latent_statistics  # noqa: E402
 from ldm.training import build_dataloader  # noqa: E402
-from ldm.util import load_config  # noqa: E402
+from ldm.util import add_allow_target_argument, load_config  # noqa: E402
 from scripts.train_autoencoder import data_section, image_folder_nodes  # noqa: E402
 
 
@@ -58,6 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--data", default=None, help="take the data from this image folder")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dry-run", action="store_true", help="print the statistics without writing them")
+    add_allow_target_argument(parser)
     return parser.parse_args(argv)
 
 

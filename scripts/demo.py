@@ -23,6 +23,7 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 
 from ldm.models.latent_diffusion import LatentDiffusion  # noqa: E402
+from ldm.util import add_allow_target_argument  # noqa: E402
 from scripts import evaluate, train_autoencoder, train_diffusion, txt2img  # noqa: E402
 
 DEMO_PROMPTS = [
@@ -47,6 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--eval-samples", type=int, default=1, help="samples per evaluation prompt (0 skips it)")
     parser.add_argument("--export", default=None,
                         help="also write the trained model here in float16 (how ldm/assets/demo-shapes.safetensors is made)")
+    add_allow_target_argument(parser)
     return parser.parse_args(argv)
 
 

@@ -33,6 +33,7 @@ from ldm.eval.shapes_eval import EVAL_PROMPTS, evaluate_images, format_table  # 
 from ldm.generate import autocast_for, generate  # noqa: E402
 from ldm.images import save_grid  # noqa: E402
 from ldm.models.latent_diffusion import LatentDiffusion  # noqa: E402
+from ldm.util import add_allow_target_argument  # noqa: E402
 
 log = logging.getLogger("evaluate")
 
@@ -56,6 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--sweep-steps", type=int, nargs="+", default=[5, 10, 20, 50, 100])
     parser.add_argument("--sweep-samplers", nargs="+", default=None, help="default: every registered sampler")
     parser.add_argument("--out-dir", default="outputs/sweep", help="where --sweep writes sweep.md/json/png")
+    add_allow_target_argument(parser)
     return parser.parse_args(argv)
 
 

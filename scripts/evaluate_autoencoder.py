@@ -31,6 +31,7 @@ from autoencoder.losses import PerceptualLoss, backbone_cache_path, pretrained_b
 from autoencoder.metrics import psnr, ssim  # noqa: E402
 from ldm.checkpoint import atomic_write  # noqa: E402
 from ldm.training import build_dataloader  # noqa: E402
+from ldm.util import add_allow_target_argument  # noqa: E402
 from scripts.compute_scale_factor import dataset_node  # noqa: E402
 
 
@@ -44,6 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--sample-posterior", action="store_true", help="decode posterior samples instead of the mode")
     parser.add_argument("--seed", type=int, default=0)
+    add_allow_target_argument(parser)
     return parser.parse_args(argv)
 
 

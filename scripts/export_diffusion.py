@@ -21,7 +21,7 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 
 from ldm.training import find_resume_checkpoint  # noqa: E402
-from ldm.util import instantiate_from_config, load_config, to_container  # noqa: E402
+from ldm.util import add_allow_target_argument, instantiate_from_config, load_config, to_container  # noqa: E402
 from scripts.train_diffusion import build_model  # noqa: E402
 
 log = logging.getLogger("export_diffusion")
@@ -35,13 +35,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--ckpt", default=None, help="a Lightning checkpoint; default: the run's last.ckpt")
     parser.add_argument("--out", default=None, help="default: <run>/model.safetensors")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    add_allow_target_argument(parser)
     return parser.parse_args(argv)
 
 
 def export(run: str, autoencoder: str | None, ckpt: str | None = None, out: str | None = None,
            dtype: str = "float32", init_from: str | None = None) -> str:
     """Rebuild the run's model, load the checkpoint (raw + EMA), write the EMA weights; returns the path."""
-    config = load_config(os.path.join(run, "config.yaml"))
+    config = load_config(os.path.join(run, "config.yaml"), trusted=False)  # a run folder may come from anyone
     ckpt = ckpt or str(find_resume_checkpoint(run)[0])
     model = build_model(to_container(config.model), autoencoder, init_from)
     module = instantiate_from_config(config.trainer, path="trainer", model=model)

@@ -26,6 +26,7 @@ from ldm.assets import DEMO_CHECKPOINT  # noqa: E402
 from ldm.data.shapes import SHAPES, SIZES, ShapeSpec, render  # noqa: E402
 from ldm.diffusion import NoiseSchedule  # noqa: E402
 from ldm.models.latent_diffusion import LatentDiffusion  # noqa: E402
+from ldm.util import add_allow_target_argument  # noqa: E402
 
 SCHEDULES = {
     "scaled_linear (SD)": dict(kind="scaled_linear", num_timesteps=1000, beta_start=0.00085, beta_end=0.012),
@@ -73,6 +74,7 @@ def hidden_from(
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", default=DEMO_CHECKPOINT, help="a whole-model file (its autoencoder is used)")
+    add_allow_target_argument(parser)
     args = parser.parse_args(argv)
     model = LatentDiffusion.from_checkpoint(args.ckpt).eval()
     curves = snr_curves(model)

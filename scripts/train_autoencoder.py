@@ -26,6 +26,7 @@ import argparse
 import datetime as dt
 import logging
 import os
+import signal
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,19 +38,31 @@ import torch  # noqa: E402
 from autoencoder.io import save_autoencoder  # noqa: E402
 from autoencoder.losses import PerceptualWeightsUnavailable  # noqa: E402
 from autoencoder.scale import latent_statistics  # noqa: E402
-from ldm.training import (  # noqa: E402
-    build_dataloaders,
-    build_trainer,
+from ldm.run_folder import (  # noqa: E402
+    RunLock,
+    check_resume_config,
+    checkpoint_step,
     find_resume_checkpoint,
     make_run_dir,
+    remove_stale_temp_files,
     save_run_config,
+    set_aside_abandoned_metrics,
+)
+from ldm.training import (  # noqa: E402
+    RESUMABLE_LIGHTNING_KEYS,
+    build_dataloaders,
+    build_trainer,
+    lightning_settings,
     steps_summary,
 )
-from ldm.util import instantiate_from_config, load_config, to_container  # noqa: E402
+from ldm.util import add_allow_target_argument, instantiate_from_config, load_config, to_container  # noqa: E402
 
 log = logging.getLogger("train_autoencoder")
 WEIGHTS_NAME = "autoencoder.safetensors"
 IMAGE_FOLDER_TARGET = "ldm.data.image_folder.CaptionedImageFolder"
+# what a --resume may change: the step budget, logging intervals and the learning rate
+RESUMABLE_KEYS = tuple(f"lightning.{key}" for key in RESUMABLE_LIGHTNING_KEYS) + (
+    "model.params.learning_rate", "model.base_learning_rate")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -62,6 +75,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--resume", default=None, help="a Lightning checkpoint or a run folder (uses checkpoints/last.ckpt)")
     parser.add_argument("--run-dir", default=None, help="default: runs/<config name>-<time> (or the resumed run)")
     parser.add_argument("overrides", nargs="*", help="config overrides as a dotlist, e.g. lightning.precision=bf16-mixed")
+    add_allow_target_argument(parser)
     return parser.parse_args(argv)
 
 
@@ -123,13 +137,16 @@ def main(argv=None) -> str:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     resume_ckpt = None
+    config_from_run = False
     if args.resume:
         resume_ckpt, resumed_run = find_resume_checkpoint(args.resume)
         if args.config is None:
             args.config = os.path.join(resumed_run, "config.yaml")
+            config_from_run = True
     if args.config is None:
         raise SystemExit("error: --config is required (or --resume a run folder that has config.yaml)")
-    config = load_config(args.config, overrides=args.overrides)
+    # the run folder's own config.yaml is a file someone else may have written; a --config is the user's
+    config = load_config(args.config, overrides=args.overrides, trusted=not config_from_run)
     for section in ("model", "data"):
         if section not in config:
             raise SystemExit(f"error: {args.config} has no '{section}' section")
@@ -144,10 +161,9 @@ def main(argv=None) -> str:
         config.lightning.max_steps = args.max_steps
     if args.max_minutes is not None:
         config.lightning.max_minutes = args.max_minutes
+    settings = lightning_settings(config.lightning, image_every=500)
     lr = apply_learning_rate(config)
-
-    lcfg = config.lightning
-    seed = int(lcfg.get("seed", 0))
+    seed = settings["seed"]
     import pytorch_lightning as pl
 
     pl.seed_everything(seed, workers=True, verbose=False)
@@ -160,47 +176,60 @@ def main(argv=None) -> str:
     if args.resume and name == "config":
         name = os.path.basename(os.path.normpath(str(resumed_run)))
     run_dir = make_run_dir(args.run_dir, name, resume_ckpt)
-    save_run_config(run_dir, config)
-    train_loader, val_loader = build_dataloaders(config.data, seed=seed)
+    with RunLock(run_dir):
+        remove_stale_temp_files(run_dir)
+        if resume_ckpt is not None:
+            check_resume_config(run_dir, config, RESUMABLE_KEYS)
+            set_aside_abandoned_metrics(run_dir, checkpoint_step(resume_ckpt))
+        save_run_config(run_dir, config)
+        train_loader, val_loader = build_dataloaders(config.data, seed=seed)
 
-    max_minutes = lcfg.get("max_minutes")
-    trainer = build_trainer(
-        run_dir,
-        max_steps=int(lcfg.get("max_steps", 10000)),
-        log_every=int(lcfg.get("log_every", 50)),
-        checkpoint_every=int(lcfg.get("checkpoint_every", 1000)),
-        precision=str(lcfg.get("precision", "32-true")),
-        accelerator=str(lcfg.get("accelerator", "auto")),
-        image_every=lcfg.get("image_every", 500),
-        val_every=lcfg.get("val_every") if val_loader is not None else None,
-        limit_val_batches=lcfg.get("limit_val_batches", 1.0),
-        max_time=dt.timedelta(minutes=float(max_minutes)) if max_minutes else None,
-    )
-    log.info("run folder %s; learning rate %.3g; %d parameters", run_dir, lr,
-             sum(p.numel() for p in module.autoencoder.parameters()))
-    trainer.fit(module, train_loader, val_loader, ckpt_path=str(resume_ckpt) if resume_ckpt else None)
-    trainer.save_checkpoint(str(run_dir / "checkpoints" / "last.ckpt"), weights_only=False)
-    log.info("training: %s", steps_summary(trainer.step_timer))
+        max_minutes = settings["max_minutes"]
+        trainer = build_trainer(
+            run_dir,
+            max_steps=settings["max_steps"],
+            log_every=settings["log_every"],
+            checkpoint_every=settings["checkpoint_every"],
+            precision=settings["precision"],
+            accelerator=settings["accelerator"],
+            image_every=settings["image_every"],
+            max_images=settings["max_images"],
+            val_every=settings["val_every"] if val_loader is not None else None,
+            limit_val_batches=settings["limit_val_batches"],
+            gradient_clip_val=settings["gradient_clip_val"],
+            max_time=dt.timedelta(minutes=float(max_minutes)) if max_minutes else None,
+            train_loader=train_loader,
+        )
+        log.info("run folder %s; learning rate %.3g; %d parameters", run_dir, lr,
+                 sum(p.numel() for p in module.autoencoder.parameters()))
+        trainer.fit(module, train_loader, val_loader, ckpt_path=str(resume_ckpt) if resume_ckpt else None)
+        trainer.save_checkpoint(str(run_dir / "checkpoints" / "last.ckpt"), weights_only=False)
+        log.info("training: %s (%d in all)", steps_summary(trainer.step_timer), trainer.global_step)
 
-    autoencoder = module.inference_autoencoder().to("cpu").eval()  # the EMA weights when the config keeps them
-    stats = latent_statistics(
-        autoencoder, train_loader, num_batches=int(lcfg.get("scale_factor_batches", 8)),
-        generator=torch.Generator().manual_seed(seed),
-    )
-    print(f"latent mean {stats.mean:.5f}  std {stats.std:.5f}  -> scale_factor {stats.scale_factor:.5f} "
-          f"({stats.count} latent values)")
-    weights = run_dir / WEIGHTS_NAME
-    save_autoencoder(
-        weights, autoencoder, scale_factor=stats.scale_factor,
-        metadata={
-            "data_config": to_container(config.data),
-            "latent_mean": repr(stats.mean),
-            "latent_std": repr(stats.std),
-            "global_step": str(trainer.global_step),
-            "steps_per_second": repr(trainer.step_timer.steps_per_second),
-        },
-    )
-    print(f"trained {steps_summary(trainer.step_timer)}; weights: {weights}")
+        autoencoder = module.inference_autoencoder().to("cpu").eval()  # the EMA weights when the config keeps them
+        stats = latent_statistics(
+            autoencoder, train_loader, num_batches=settings["scale_factor_batches"],
+            generator=torch.Generator().manual_seed(seed),
+        )
+        print(f"latent mean {stats.mean:.5f}  std {stats.std:.5f}  -> scale_factor {stats.scale_factor:.5f} "
+              f"({stats.count} latent values)")
+        weights = run_dir / WEIGHTS_NAME
+        save_autoencoder(
+            weights, autoencoder, scale_factor=stats.scale_factor,
+            metadata={
+                "data_config": to_container(config.data),
+                "latent_mean": repr(stats.mean),
+                "latent_std": repr(stats.std),
+                "global_step": str(trainer.global_step),
+                "steps_per_second": repr(trainer.step_timer.steps_per_second),
+            },
+        )
+    print(f"trained {steps_summary(trainer.step_timer)} this session, {trainer.global_step} in all; weights: {weights}")
+    stop = trainer.graceful_stop
+    if stop.received is not None:
+        log.warning("stopped by %s at step %d: checkpoint and weights saved; continue with --resume %s",
+                    signal.Signals(stop.received).name, trainer.global_step, run_dir)
+        raise SystemExit(stop.exit_code)
     return str(weights)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import time
 
@@ -28,31 +29,40 @@ import torch  # noqa: E402
 from autoencoder import load_autoencoder  # noqa: E402
 from ldm.checkpoint import load_config_from_checkpoint, load_into, load_state_dict  # noqa: E402
 from ldm.models.latent_diffusion import LatentDiffusion  # noqa: E402
-from ldm.training import (  # noqa: E402
-    build_dataloaders,
-    build_trainer,
+from ldm.run_folder import (  # noqa: E402
+    RunLock,
+    check_resume_config,
+    checkpoint_step,
     find_resume_checkpoint,
     make_run_dir,
+    remove_stale_temp_files,
     save_run_config,
+    set_aside_abandoned_metrics,
 )
-from ldm.util import ConfigError, instantiate_from_config, load_config, to_container  # noqa: E402
+from ldm.training import RESUMABLE_LIGHTNING_KEYS, build_dataloaders, build_trainer, lightning_settings  # noqa: E402
+from ldm.util import ConfigError, add_allow_target_argument, instantiate_from_config, load_config, to_container  # noqa: E402
 
 log = logging.getLogger("train_diffusion")
 TOP_LEVEL_KEYS = {"model", "trainer", "data", "lightning"}
+# what a --resume may change: the step budget, logging intervals and the learning rate
+RESUMABLE_KEYS = tuple(f"lightning.{key}" for key in RESUMABLE_LIGHTNING_KEYS) + ("trainer.params.learning_rate",)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="configs/latent-diffusion/<name>.yaml")
+    parser.add_argument("--config", default=None,
+                        help="configs/latent-diffusion/<name>.yaml (default with --resume: the run's config.yaml)")
     parser.add_argument("--autoencoder", default=None, help="stage-one weights (.safetensors with scale_factor)")
     parser.add_argument("--init-from", default=None,
                         help="start from a trained model file (train_diffusion/export output): fine-tuning or "
                              "longer training; its autoencoder and scale factor are used, --autoencoder is not needed")
     parser.add_argument("--data", default=None, help="a captioned image folder instead of the config's dataset")
     parser.add_argument("--max-steps", type=int, default=None)
-    parser.add_argument("--resume", default=None, help="a Lightning checkpoint (e.g. <run>/checkpoints/last.ckpt)")
+    parser.add_argument("--resume", default=None,
+                        help="a run folder (its newest valid checkpoint) or a Lightning checkpoint file")
     parser.add_argument("--run-dir", default=None, help="default: runs/<config name>-<time>")
     parser.add_argument("overrides", nargs="*", help="config overrides as dotlist, e.g. trainer.params.learning_rate=1e-4")
+    add_allow_target_argument(parser)
     return parser.parse_args(argv)
 
 
@@ -88,7 +98,12 @@ def build_model(model_config: dict, autoencoder_path: str | None = None, init_fr
 def main(argv=None) -> str:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
-    config = load_config(args.config, overrides=args.overrides)
+    resume_ckpt, resumed_run = find_resume_checkpoint(args.resume) if args.resume else (None, None)
+    config_path = args.config or (os.path.join(resumed_run, "config.yaml") if resumed_run else None)
+    if config_path is None:
+        raise SystemExit("error: --config is required (or --resume a run folder, which brings its config.yaml)")
+    # a run folder's config.yaml may come from anyone: its targets must be on the allow-list
+    config = load_config(config_path, overrides=args.overrides, trusted=args.config is not None)
     check_config(config)
     if args.data:
         data = config.data.params if "params" in config.data else config.data
@@ -97,46 +112,58 @@ def main(argv=None) -> str:
             "params": {"root": args.data, "size": config.model.get("image_size", 64), "crop": "random", "flip": False},
         }
         data.pop("validation", None)
-    lightning_cfg = config.get("lightning", {})
-    max_steps = args.max_steps or lightning_cfg.get("max_steps", 10000)
+    if args.max_steps is not None:
+        config.lightning = {**to_container(config.get("lightning") or {}), "max_steps": args.max_steps}
+    settings = lightning_settings(config.get("lightning"), image_every=1000)
 
-    pl.seed_everything(lightning_cfg.get("seed", 0))  # the frozen random text tower depends on it
+    pl.seed_everything(settings["seed"])  # the frozen random text tower depends on it
     model = build_model(to_container(config.model), args.autoencoder, args.init_from)
     module = instantiate_from_config(config.trainer, path="trainer", model=model)
     # Only now: a bad model or trainer config fails without leaving an empty run folder behind.
-    name = os.path.splitext(os.path.basename(args.config))[0]
+    name = os.path.splitext(os.path.basename(args.config or str(resumed_run)))[0]
     run_dir = make_run_dir(args.run_dir, name, args.resume)
-    save_run_config(run_dir, config)
-    resume_from = find_resume_checkpoint(args.resume)[0] if args.resume else None
+    with RunLock(run_dir):
+        remove_stale_temp_files(run_dir)
+        if resume_ckpt is not None:
+            check_resume_config(run_dir, config, RESUMABLE_KEYS)
+            set_aside_abandoned_metrics(run_dir, checkpoint_step(resume_ckpt))
+        save_run_config(run_dir, config)
+        train_loader, val_loader = build_dataloaders(config.data, seed=settings["seed"])
+        trainer = build_trainer(
+            run_dir,
+            max_steps=settings["max_steps"],
+            log_every=settings["log_every"],
+            checkpoint_every=settings["checkpoint_every"],
+            image_every=settings["image_every"],
+            val_every=settings["val_every"] if val_loader is not None else None,
+            precision=settings["precision"],
+            accelerator=settings["accelerator"],
+            max_images=settings["max_images"],
+            limit_val_batches=settings["limit_val_batches"],
+            gradient_clip_val=settings["gradient_clip_val"],
+            train_loader=train_loader,
+        )
+        start = time.perf_counter()
+        try:
+            trainer.fit(module, train_loader, val_loader, ckpt_path=resume_ckpt)
+        except SystemExit:
+            # Lightning turns a second Ctrl-C into sys.exit(1) after a graceful shutdown: keep what was learnt.
+            if not trainer.interrupted:
+                raise
+            log.warning("interrupted at step %d: exporting the EMA weights so far", trainer.global_step)
+        minutes = (time.perf_counter() - start) / 60
 
-    train_loader, val_loader = build_dataloaders(config.data)
-    trainer = build_trainer(
-        run_dir,
-        max_steps=max_steps,
-        log_every=lightning_cfg.get("log_every", 50),
-        checkpoint_every=lightning_cfg.get("checkpoint_every", 1000),
-        image_every=lightning_cfg.get("image_every", 1000),
-        val_every=lightning_cfg.get("val_every", None),
-        precision=lightning_cfg.get("precision", "32-true"),
-        max_images=lightning_cfg.get("max_images", 8),
-        limit_val_batches=lightning_cfg.get("limit_val_batches", 1.0),
-        gradient_clip_val=lightning_cfg.get("gradient_clip_val", None),
-    )
-    start = time.perf_counter()
-    try:
-        trainer.fit(module, train_loader, val_loader, ckpt_path=resume_from)
-    except SystemExit:
-        # Lightning turns Ctrl-C into sys.exit(1) after a graceful shutdown: keep what was learnt.
-        if not trainer.interrupted:
-            raise
-        log.warning("interrupted at step %d: exporting the EMA weights so far", trainer.global_step)
-    minutes = (time.perf_counter() - start) / 60
-
-    weights = os.path.join(run_dir, "model.safetensors")
-    export_dtype = getattr(torch, lightning_cfg.get("export_dtype", "float32"))
-    with module.ema_weights():  # sampling and export use the EMA weights
-        model.save(weights, dtype=export_dtype, extra_metadata={"global_step": trainer.global_step})
-    log.info("trained %d steps in %.1f min; EMA weights written to %s", trainer.global_step, minutes, weights)
+        weights = os.path.join(run_dir, "model.safetensors")
+        export_dtype = getattr(torch, settings["export_dtype"])
+        with module.ema_weights():  # sampling and export use the EMA weights
+            model.save(weights, dtype=export_dtype, extra_metadata={"global_step": trainer.global_step})
+    log.info("%s in %.1f min (%d in all); EMA weights written to %s",
+             f"{trainer.step_timer.steps} steps this session", minutes, trainer.global_step, weights)
+    stop = trainer.graceful_stop
+    if stop.received is not None:
+        log.warning("stopped by %s at step %d: checkpoint and weights saved; continue with --resume %s",
+                    signal.Signals(stop.received).name, trainer.global_step, run_dir)
+        raise SystemExit(stop.exit_code)
     return weights
 
 

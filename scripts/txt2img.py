@@ -29,6 +29,7 @@ from ldm.generate import PRECISIONS, autocast_for, generate  # noqa: E402
 from ldm.images import save_grid, save_png_with_metadata  # noqa: E402
 from ldm.inference import prepare_for_inference  # noqa: E402
 from ldm.models.latent_diffusion import LatentDiffusion  # noqa: E402
+from ldm.util import add_allow_target_argument  # noqa: E402
 
 log = logging.getLogger("txt2img")
 
@@ -56,6 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the UNet and VAE decoder (first call compiles; CPU needs a C++ compiler)")
     parser.add_argument("--no-progress", action="store_true", help="turn the progress bar off")
+    add_allow_target_argument(parser)
     return parser.parse_args(argv)
 
 

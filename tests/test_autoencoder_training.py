@@ -168,7 +168,9 @@ def test_train_script_writes_a_complete_run_and_resumes(tmp_path, blobs_module, 
     model, scale = load_autoencoder(weights)
     assert scale == pytest.approx(float(meta["scale_factor"]))
 
-    new_scale = compute_scale_factor.main(["--ckpt", weights, "--num-batches", "3", "--seed", "1"])
+    # the file's data config names the test's own dataset class: allowed on purpose, as a user would
+    new_scale = compute_scale_factor.main(["--ckpt", weights, "--num-batches", "3", "--seed", "1",
+                                           "--allow-target", blobs_module])
     assert load_autoencoder(weights)[1] == pytest.approx(new_scale)
     assert "latent std" in capsys.readouterr().out
 
@@ -178,7 +180,7 @@ def test_train_script_writes_a_complete_run_and_resumes(tmp_path, blobs_module, 
     assert 0 < saved["psnr"]["mean"] < 100 and -1 <= saved["ssim"]["mean"] <= 1
     assert str(saved["lpips"]).startswith("unavailable")
 
-    train_autoencoder.main(["--resume", str(run), "--max-steps", "3"])
+    train_autoencoder.main(["--resume", str(run), "--max-steps", "3", "--allow-target", blobs_module])
     resumed = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert resumed["global_step"] == 3
 

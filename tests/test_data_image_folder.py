@@ -249,3 +249,115 @@ def test_bad_arguments(tmp_path):
         CaptionedImageFolder(tmp_path, size=0)
     with pytest.raises(IndexError):
         CaptionedImageFolder(tmp_path)[1]
+
+
+# --- Images that trained silently wrong (issue 13, section 5) -----------------------------------------------------
+
+
+def test_16bit_grey_png_is_scaled_not_clipped(tmp_path):
+    # PIL's convert("RGB") clips 16-bit values at 255, so mid-grey (32768) used to arrive as pure white (+1.0).
+    for name, value in (("mid", 32768), ("quarter", 16384), ("black", 0), ("white", 65535)):
+        Image.fromarray(np.full((12, 20), value, dtype=np.uint16)).save(tmp_path / f"{name}.png")
+        (tmp_path / f"{name}.txt").write_text(name)
+    with Image.open(tmp_path / "mid.png") as check:
+        assert check.mode.startswith("I")  # really a 16-bit file, not an 8-bit one
+    ds = CaptionedImageFolder(tmp_path, size=8)
+    got = {ds[i]["caption"]: ds[i]["image"] for i in range(len(ds))}
+    for name, value in (("mid", 32768), ("quarter", 16384), ("black", 0), ("white", 65535)):
+        image = got[name]
+        assert image.shape == (3, 8, 8) and image.dtype == torch.float32
+        # Grey in all three channels, at value / 65535 mapped to [-1, 1]; kept in float, so well inside 1/255.
+        assert (image.double() - (2 * value / 65535 - 1)).abs().max() < 1 / 255, name
+
+
+def test_transparent_pixels_get_the_background_colour(tmp_path):
+    # Left half: fully transparent, hiding pure red (what an editor leaves behind an erased area).
+    # Right half: opaque blue. The top-right corner: blue at alpha 128, which must blend with the background.
+    rgba = np.zeros((16, 16, 4), dtype=np.uint8)
+    rgba[:, :8] = (255, 0, 0, 0)
+    rgba[:, 8:] = (0, 0, 255, 255)
+    rgba[0, 15] = (0, 0, 255, 128)
+    Image.fromarray(rgba).save(tmp_path / "rgba.png")
+    (tmp_path / "rgba.txt").write_text("rgba")
+    # Grey + alpha (LA) and a palette image with a transparent index take the same path.
+    la = np.stack([np.full((16, 16), 200, np.uint8), np.zeros((16, 16), np.uint8)], -1)
+    Image.fromarray(la).save(tmp_path / "la.png")
+    (tmp_path / "la.txt").write_text("la")
+    palette = Image.new("P", (16, 16), 0)
+    palette.putpalette([255, 0, 0] + [0, 0, 0] * 255)
+    palette.save(tmp_path / "pal.png", transparency=0)
+    (tmp_path / "pal.txt").write_text("pal")
+
+    def images(**kwargs):  # size 16 = the file size: no resampling, pixels compare exactly
+        ds = CaptionedImageFolder(tmp_path, size=16, **kwargs)
+        return {ds[i]["caption"]: ds[i]["image"].double() for i in range(len(ds))}
+
+    for background, rgb in ((None, (255, 255, 255)), ("black", (0, 0, 0)), ([0, 128, 0], (0, 128, 0))):
+        got = images() if background is None else images(background=background)
+        bg = expected(rgb)[:, None, None]
+        assert torch.allclose(got["rgba"][:, :, :8], bg.expand(3, 16, 8), atol=1e-6), background
+        assert torch.allclose(got["rgba"][:, 1:, 8:], expected((0, 0, 255))[:, None, None].expand(3, 15, 8),
+                              atol=1e-6)
+        blend = np.round(np.array(rgb) * 127 / 255 + np.array([0, 0, 255]) * 128 / 255)
+        assert (got["rgba"][:, 0, 15] - expected(blend)).abs().max() < 1.5 / 127.5, background
+        assert torch.allclose(got["la"], bg.expand(3, 16, 16), atol=1e-6), background
+        assert torch.allclose(got["pal"], bg.expand(3, 16, 16), atol=1e-6), background
+    for bad in ("no-such-colour", [1, 2], [0, 0, 256], 7):
+        with pytest.raises(ValueError, match="background"):
+            CaptionedImageFolder(tmp_path, background=bad)
+
+
+def test_exif_orientation_is_applied_before_the_crop(tmp_path):
+    # Stored quadrants: top-left red, top-right green, bottom-left blue, bottom-right white. EXIF orientation 6
+    # means "rotate 90 degrees clockwise to display" (a phone held upright), so the picture is
+    # top-left blue, top-right red, bottom-right green, bottom-left white -- unlike any flip of the stored one.
+    stored = np.zeros((16, 16, 3), dtype=np.uint8)
+    stored[:8, :8], stored[:8, 8:] = (255, 0, 0), (0, 255, 0)
+    stored[8:, :8], stored[8:, 8:] = (0, 0, 255), (255, 255, 255)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation
+    Image.fromarray(stored).save(tmp_path / "phone.jpg", quality=100, subsampling=0, exif=exif)
+    (tmp_path / "phone.txt").write_text("upright")
+    image = CaptionedImageFolder(tmp_path, size=16)[0]["image"].double()
+    assert image.shape == (3, 16, 16)
+    quadrants = {"top-left": image[:, 2:6, 2:6], "top-right": image[:, 2:6, 10:14],
+                 "bottom-left": image[:, 10:14, 2:6], "bottom-right": image[:, 10:14, 10:14]}
+    want = {"top-left": (0, 0, 255), "top-right": (255, 0, 0), "bottom-left": (255, 255, 255),
+            "bottom-right": (0, 255, 0)}
+    for where, rgb in want.items():
+        err = (quadrants[where] - expected(rgb)[:, None, None]).abs().max()
+        assert err < 0.1, (where, err)  # JPEG error is a few levels; a wrong quadrant is off by ~2
+
+
+def test_caption_files_that_are_not_utf8_name_the_file(tmp_path):
+    save(tmp_path / "a.png", solid(8, 8, (1, 2, 3)))
+    save(tmp_path / "b.png", solid(8, 8, (1, 2, 3)))
+    (tmp_path / "a.txt").write_bytes("\ufeffa caf\u00e9".encode("utf-8"))  # BOM (Notepad): dropped, not captioned
+    (tmp_path / "b.txt").write_bytes("a caf\u00e9".encode("latin-1"))  # 0xe9 alone is not UTF-8
+    # A caption problem is a folder problem: ValueError at construction naming the file, as for a missing caption.
+    with pytest.raises(ValueError, match=r"b\.txt: not valid UTF-8 \(byte e9 at offset 5"):
+        CaptionedImageFolder(tmp_path)
+    (tmp_path / "b.txt").write_text("b")
+    assert sorted(CaptionedImageFolder(tmp_path, size=8)[i]["caption"] for i in range(2)) == ["a café", "b"]
+
+    with open(tmp_path / "metadata.jsonl", "wb") as f:
+        f.write(b'{"file_name": "a.png", "text": "ok"}\n')
+        f.write('{"file_name": "b.png", "text": "caf\u00e9"}\n'.encode("latin-1"))
+    with pytest.raises(ValueError, match=r"metadata\.jsonl:2: not valid UTF-8"):
+        CaptionedImageFolder(tmp_path, caption_source="metadata")
+
+
+def test_skip_summary_counts_skips_made_in_dataloader_workers(tmp_path):
+    _folder_with_bad_files(tmp_path)
+    ds = CaptionedImageFolder(tmp_path, size=8)
+    assert ds.num_skipped == 0 and ds.skip_summary() == f"no images skipped (4 under {tmp_path.resolve()})"
+    # The items are loaded in two worker processes only; the main process never reads a file itself.
+    loader = torch.utils.data.DataLoader(ds, batch_size=1, num_workers=2)
+    captions = [batch["caption"][0] for batch in loader]
+    assert sorted(captions) == ["good0", "good0", "good0", "good1"]
+    assert ds.num_skipped == 2
+    assert sorted(p.rsplit("/", 1)[-1] for p in ds.skipped_paths) == ["bad_garbage.png", "bad_truncated.png"]
+    summary = ds.skip_summary()
+    assert summary.startswith("skipped 2 of 4 images under ") and "\n" not in summary
+    assert "bad_garbage.png, bad_truncated.png" in summary
+    assert ds.skip_summary(show=1).endswith("bad_garbage.png (and 1 more)")

@@ -130,7 +130,7 @@ def test_resume_continues_the_step_count(tmp_path):
 
 def test_find_resume_checkpoint(tmp_path):
     run = make_run_dir(tmp_path / "run")
-    (run / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    torch.save({"global_step": 3}, run / "checkpoints" / "last.ckpt")
     assert find_resume_checkpoint(run) == (run / "checkpoints" / "last.ckpt", run)
     assert find_resume_checkpoint(run / "checkpoints" / "last.ckpt")[1] == run
     assert make_run_dir(None, "x", resume=run / "checkpoints" / "last.ckpt") == run

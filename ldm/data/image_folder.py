@@ -12,11 +12,25 @@ Layout (Hugging Face ``imagefolder`` convention, searched recursively)::
 The caption field is ``"text"`` (``"caption"`` is accepted too).
 
 Problems with the *folder* (no images, an image without a caption, a metadata line that is not JSON or names a
-missing file) raise ``ValueError`` at construction, naming the path and line, before any training starts.
-Problems with an *image* (corrupt, truncated, unreadable) are not fatal: the file is logged once, recorded in
-``skipped_paths`` and the next good item is returned instead (wrap-around); only if every file fails is an error
-raised. With ``verify=True`` every image is checked with ``PIL.Image.verify`` up front and bad ones are dropped.
-Note that with a multi-process ``DataLoader`` each worker keeps its own ``skipped_paths``.
+missing file, a caption file that is not valid UTF-8) raise ``ValueError`` at construction, naming the path and
+line, before any training starts. A UTF-8 byte-order mark at the start of a caption file is dropped.
+Problems with an *image* (corrupt, truncated, unreadable) are not fatal: the file is logged once, counted and the
+next good item is returned instead (wrap-around); only if every file fails is an error raised. With ``verify=True``
+every image is checked with ``PIL.Image.verify`` up front and bad ones are dropped (and counted).
+
+Skipped images are reported by ``num_skipped`` (int), ``skipped_paths`` (list of str) and ``skip_summary()`` (one
+line for a log or an end-of-run summary). Skips made inside ``DataLoader`` worker processes are included: each
+sample has a flag in a shared-memory tensor that the workers write and the main process reads. The count is per
+dataset object, so with several training processes (DDP ranks) each rank reports its own.
+
+Decoding, so that no image trains silently wrong:
+
+* the EXIF orientation tag is applied (``ImageOps.exif_transpose``) before any resize or crop;
+* transparent images (RGBA, LA, palette or grey/RGB with a transparency key) are composited onto ``background``
+  (white by default) rather than exposing whatever colour hides under fully transparent pixels;
+* 16-bit greyscale PNGs (PIL modes ``I;16*`` and ``I``) are scaled by 1/65535 and kept in float through the resize,
+  instead of being clipped at 255 (which turned everything above 0.4% grey into white). PIL opens 16-bit RGB PNGs
+  as 8-bit RGB itself. Mode ``F`` (float) is taken to be in [0, 1].
 """
 
 from __future__ import annotations
@@ -24,12 +38,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import struct
+import zlib
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageColor, ImageOps
 from torch.utils.data import Dataset
 
 logger = logging.getLogger(__name__)
@@ -40,7 +56,68 @@ CAPTION_FIELDS = ("text", "caption")
 
 # What PIL raises for a bad file: UnidentifiedImageError is an OSError; truncated data can raise
 # OSError, SyntaxError (bad PNG chunks), ValueError, or struct/zlib errors during decode.
-_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error, Image.DecompressionBombError)
+
+# Modes whose pixels carry an alpha channel (lower-case "a": premultiplied).
+_ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
+# High-bit-depth greyscale: a 16-bit PNG opens as "I;16" (or "I" in older Pillow), values 0..65535.
+_WIDE_GREY_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+
+
+def parse_background(background) -> tuple[int, int, int]:
+    """``(r, g, b)`` ints in 0..255 from a 3-sequence (list, tuple, OmegaConf list) or a colour name/hex string
+    (anything ``PIL.ImageColor.getrgb`` knows: ``"white"``, ``"black"``, ``"#808080"``)."""
+    if isinstance(background, str):
+        try:
+            rgb = ImageColor.getrgb(background)
+        except ValueError as error:
+            raise ValueError(f"background: unknown colour {background!r}") from error
+    else:
+        try:
+            rgb = tuple(background)
+        except TypeError as error:
+            raise ValueError(f"background must be [r, g, b] or a colour name, got {background!r}") from error
+    ok = len(rgb) == 3 and all(
+        isinstance(c, (int, np.integer)) and not isinstance(c, bool) and 0 <= c <= 255 for c in rgb)
+    if not ok:
+        raise ValueError(f"background must be three ints in 0..255 (or a colour name), got {background!r}")
+    return tuple(int(c) for c in rgb)
+
+
+def _composite(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    """Any image with alpha -> ``RGB`` over a solid ``background``."""
+    base = Image.new("RGBA", image.size, (*background, 255))
+    return Image.alpha_composite(base, image.convert("RGBA")).convert("RGB")
+
+
+def decode_image(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """A freshly opened, loaded PIL image (any mode) -> upright ``RGB`` (8-bit), or ``F`` (greyscale float in
+    [0, 1]) for 16-bit/float sources so that their precision survives the resize. ``pil_to_tensor`` takes either.
+
+    Order matters: orientation first, so that the crop is taken from the picture the photographer saw; alpha
+    compositing before the resize, so that hidden colours under transparent pixels cannot bleed into the edges."""
+    try:
+        image = ImageOps.exif_transpose(image)
+    except Exception as error:  # a malformed EXIF block: count the file as unreadable rather than guess
+        raise OSError(f"cannot apply EXIF orientation ({type(error).__name__}: {error})") from error
+    if image.mode in _WIDE_GREY_MODES or image.mode == "F":
+        raw = np.asarray(image)
+        if image.mode == "F":
+            grey = np.nan_to_num(raw.astype(np.float32), nan=0.0)
+        else:
+            grey = raw.astype(np.float32) / 65535.0
+        grey = np.clip(grey, 0.0, 1.0)
+        key = image.info.get("transparency")
+        if isinstance(key, int) and image.mode != "F" and (raw == key).any():
+            # A tRNS key on a 16-bit grey PNG (rare): composite in 8 bits, as precision matters less than the
+            # transparent pixels not training as grey.
+            grey8 = np.rint(grey * 255).astype(np.uint8)
+            alpha = np.where(raw == key, 0, 255).astype(np.uint8)
+            return _composite(Image.fromarray(np.stack([grey8, grey8, grey8, alpha], -1)), background)
+        return Image.fromarray(grey.astype(np.float32))
+    if image.mode in _ALPHA_MODES or "transparency" in image.info:
+        return _composite(image, background)
+    return image.convert("RGB")
 
 
 def _list_images(root: Path) -> list[Path]:
@@ -54,11 +131,13 @@ def _read_metadata(root: Path) -> dict[Path, str]:
     captions: dict[Path, str] = {}
     where: dict[Path, str] = {}
     for meta in sorted(root.rglob(METADATA_FILE)):
-        with open(meta, encoding="utf-8") as f:
-            for number, line in enumerate(f, start=1):
+        # Bytes, decoded a line at a time, so that an encoding error can name its line.
+        with open(meta, "rb") as f:
+            for number, raw in enumerate(f, start=1):
+                loc = f"{meta}:{number}"
+                line = _decode_utf8(raw, loc, bom=number == 1)
                 if not line.strip():
                     continue
-                loc = f"{meta}:{number}"
                 try:
                     entry = json.loads(line)
                 except json.JSONDecodeError as error:
@@ -89,6 +168,18 @@ def _read_metadata(root: Path) -> dict[Path, str]:
     return captions
 
 
+def _decode_utf8(data: bytes, where: str, bom: bool = True) -> str:
+    """``data`` as UTF-8 (a leading byte-order mark dropped if ``bom``); ``ValueError`` naming ``where`` if invalid."""
+    try:
+        return data.decode("utf-8-sig" if bom else "utf-8")
+    except UnicodeDecodeError as error:
+        bad = data[error.start:error.end]
+        raise ValueError(
+            f"{where}: not valid UTF-8 (byte {bad[:1].hex()} at offset {error.start}, near "
+            f"{data[max(0, error.start - 20):error.end + 20]!r}); re-save the file as UTF-8"
+        ) from error
+
+
 def resize_and_crop(image: Image.Image, size: int, crop: str = "center", flip: bool = False,
                     generator: Optional[torch.Generator] = None) -> Image.Image:
     """Shorter side to ``size`` (bicubic, antialiased when shrinking), then a ``size x size`` center/random crop
@@ -111,7 +202,12 @@ def resize_and_crop(image: Image.Image, size: int, crop: str = "center", flip: b
 
 
 def pil_to_tensor(image: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> ``float32 [3, H, W]`` in ``[-1, 1]``."""
+    """PIL image -> ``float32 [3, H, W]`` in ``[-1, 1]``. Mode ``F`` (``decode_image``'s 16-bit path) is grey in
+    [0, 1], repeated over the 3 channels; any other mode goes through ``convert("RGB")`` (8-bit)."""
+    if image.mode == "F":
+        # Bicubic resampling overshoots near edges; uint8 clips that for free, float needs the clamp.
+        grey = torch.from_numpy(np.array(image, dtype=np.float32)).clamp_(0.0, 1.0).mul_(2.0).sub_(1.0)
+        return grey.unsqueeze(0).expand(3, -1, -1).contiguous()
     array = np.asarray(image.convert("RGB"), dtype=np.uint8)
     return torch.from_numpy(array.transpose(2, 0, 1).copy()).float().div_(127.5).sub_(1.0)
 
@@ -130,6 +226,12 @@ class CaptionedImageFolder(Dataset):
             (metadata entry if there is one, else the sidecar) or ``"none"`` (images only, every caption ``""``:
             for autoencoder training, which needs no text).
         verify: check every image with ``PIL.Image.verify`` at construction, dropping (and counting) bad ones.
+        background: colour that transparent pixels are composited onto: ``[r, g, b]`` (ints 0..255) or a colour
+            name / hex string (``"white"``, ``"black"``, ``"#808080"``). Default white, as a browser or image
+            viewer shows a transparent PNG.
+
+    Skipped (unreadable) images: ``num_skipped``, ``skipped_paths``, ``skip_summary()``; they include skips made
+    in ``DataLoader`` worker processes (see the module docstring).
     """
 
     def __init__(
@@ -142,6 +244,7 @@ class CaptionedImageFolder(Dataset):
         image_key: str = "image",
         caption_key: str = "caption",
         verify: bool = False,
+        background=(255, 255, 255),
     ):
         if crop not in ("center", "random"):
             raise ValueError(f"crop must be 'center' or 'random', got {crop!r}")
@@ -160,8 +263,9 @@ class CaptionedImageFolder(Dataset):
         self.caption_source = caption_source
         self.image_key = image_key
         self.caption_key = caption_key
-        self.skipped_paths: list[str] = []
-        self._bad: set[int] = set()
+        self.background = parse_background(background)
+        # Dropped by verify=True at construction (so no longer in self.samples); load-time skips are flags below.
+        self._dropped: list[str] = []
 
         images = _list_images(self.root)
         if not images:
@@ -175,6 +279,7 @@ class CaptionedImageFolder(Dataset):
                 raise ValueError(f"caption_source='metadata' but no {METADATA_FILE} with entries under {self.root}")
         self.samples: list[tuple[str, str]] = []
         missing: list[str] = []
+        undecodable: list[str] = []
         for path in images:
             caption = metadata.get(path.resolve())
             if caption_source == "none":
@@ -182,7 +287,11 @@ class CaptionedImageFolder(Dataset):
             if caption is None and caption_source in ("auto", "txt"):
                 sidecar = path.with_suffix(".txt")
                 if sidecar.is_file():
-                    caption = sidecar.read_text(encoding="utf-8").strip()
+                    try:
+                        caption = _decode_utf8(sidecar.read_bytes(), str(sidecar)).strip()
+                    except ValueError as error:
+                        undecodable.append(str(error))
+                        continue
             if caption is None:
                 missing.append(str(path))
             else:
@@ -192,6 +301,10 @@ class CaptionedImageFolder(Dataset):
                    "txt": "a sidecar .txt"}[caption_source]
             shown = ", ".join(missing[:5]) + (f" (and {len(missing) - 5} more)" if len(missing) > 5 else "")
             raise ValueError(f"{len(missing)} image(s) under {self.root} have no caption (need {how}): {shown}")
+        if undecodable:
+            # All of them at once: a folder of captions saved in another encoding usually has many.
+            shown = "; ".join(undecodable[:5]) + (f" (and {len(undecodable) - 5} more)" if len(undecodable) > 5 else "")
+            raise ValueError(f"{len(undecodable)} caption file(s) under {self.root} are not valid UTF-8: {shown}")
 
         if verify:
             good = []
@@ -200,30 +313,58 @@ class CaptionedImageFolder(Dataset):
                     with Image.open(path) as image:
                         image.verify()
                 except _IMAGE_ERRORS as error:
-                    self._record_skip(path, error)
+                    self._dropped.append(path)
+                    self._log_skip(path, error)
                 else:
                     good.append((path, caption))
             if not good:
                 raise ValueError(f"all {len(self.samples)} images under {self.root} failed verification")
             self.samples = good
+        # One flag per sample, 1 = failed to load. Shared memory, so that a flag set in a DataLoader worker is seen
+        # by the main process (for the count) and by the other workers (which then skip the file without
+        # re-reading it or logging it again). Fork inherits the mapping; spawn pickles it as a shared handle.
+        self._skip_flags = torch.zeros(len(self.samples), dtype=torch.uint8).share_memory_()
+
+    @property
+    def skipped_paths(self) -> list[str]:
+        """Paths of the images skipped so far as unreadable (``verify=True`` drops first, then load failures in
+        sample order), including those hit in ``DataLoader`` workers."""
+        flagged = torch.nonzero(self._skip_flags).flatten().tolist()
+        return self._dropped + [self.samples[i][0] for i in flagged]
 
     @property
     def num_skipped(self) -> int:
-        return len(self.skipped_paths)
+        """How many images have been skipped so far as unreadable (``len(skipped_paths)``)."""
+        return len(self._dropped) + int(self._skip_flags.sum())
+
+    def skip_summary(self, show: int = 3) -> str:
+        """One line for a log or an end-of-run summary, e.g. ``"skipped 2 of 40 images under /data as unreadable
+        (see the warnings for why): cats/a.png, b.png"`` (first ``show`` paths, relative to ``root``), or
+        ``"no images skipped (40 under /data)"``. Only files read so far count: an image that no epoch has
+        reached yet is not known to be bad (``verify=True`` checks them all up front)."""
+        paths = self.skipped_paths
+        total = len(self.samples) + len(self._dropped)
+        if not paths:
+            return f"no images skipped ({total} under {self.root})"
+        names = [os.path.relpath(p, self.root) for p in paths[:show]]
+        more = f" (and {len(paths) - show} more)" if len(paths) > show else ""
+        return (f"skipped {len(paths)} of {total} images under {self.root} as unreadable (see the warnings for "
+                f"why): {', '.join(names)}{more}")
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def _record_skip(self, path: str, error: BaseException) -> None:
-        self.skipped_paths.append(path)
+    @staticmethod
+    def _log_skip(path: str, error: BaseException) -> None:
         logger.warning("skipping unreadable image %s (%s: %s)", path, type(error).__name__, error)
 
     def load(self, index: int) -> torch.Tensor:
-        """Read, resize, crop and (maybe) flip image ``index``; raises what PIL raises for a bad file."""
+        """Read, orient, composite, resize, crop and (maybe) flip image ``index`` -> ``float32 [3, size, size]`` in
+        ``[-1, 1]``; raises what PIL raises for a bad file."""
         path = self.samples[index][0]
         with Image.open(path) as image:
             image.load()
-            image = image.convert("RGB")
+            image = decode_image(image, self.background)
         image = resize_and_crop(image, self.size, self.crop, self.flip)
         return pil_to_tensor(image)
 
@@ -234,16 +375,16 @@ class CaptionedImageFolder(Dataset):
         index %= n
         for step in range(n):
             j = (index + step) % n
-            if j in self._bad:
+            if self._skip_flags[j]:
                 continue
             try:
                 image = self.load(j)
             except _IMAGE_ERRORS as error:
-                self._bad.add(j)
-                self._record_skip(self.samples[j][0], error)
+                self._skip_flags[j] = 1
+                self._log_skip(self.samples[j][0], error)
                 continue
             return {self.image_key: image, self.caption_key: self.samples[j][1]}
-        raise RuntimeError(f"every image under {self.root} failed to load ({len(self._bad)} skipped)")
+        raise RuntimeError(f"every image under {self.root} failed to load ({self.num_skipped} skipped)")
 
     def __repr__(self) -> str:
         return (f"CaptionedImageFolder(root={str(self.root)!r}, n={len(self)}, size={self.size}, crop={self.crop!r}, "

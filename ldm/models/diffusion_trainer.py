@@ -21,6 +21,7 @@ import torch
 from ldm.diffusion import diffusion_loss, high_noise_timestep_density, sample_timesteps
 from ldm.models.latent_diffusion import LatentDiffusion
 from ldm.modules.ema import EMA
+from ldm.training import set_base_learning_rate
 
 
 LR_SCHEDULES = ("constant", "cosine")
@@ -126,7 +127,12 @@ class DiffusionTrainer(pl.LightningModule):
         self.min_snr_gamma = min_snr_gamma
         self.image_key = image_key
         self.caption_key = caption_key
+        if isinstance(sample_prompts, str) or not all(isinstance(p, str) and p for p in sample_prompts):
+            raise ValueError(f"sample_prompts must be a list of non-empty strings, got {sample_prompts!r}")
         self.sample_prompts = list(sample_prompts)
+        # Checked now, not at the first image grid hundreds of steps in: a bad name or size would lose that work.
+        model.build_sampler(sampler)
+        model.latent_shape(sample_height, sample_width)
         self.sampler_spec = sampler
         self.guidance_scale = guidance_scale
         self.sample_size = (sample_height, sample_width)
@@ -188,6 +194,19 @@ class DiffusionTrainer(pl.LightningModule):
             self.model_ema.update(self.model.model)
         if self.cond_stage_ema is not None:
             self.cond_stage_ema.update(self.model.cond_stage_model)
+
+    def on_train_start(self) -> None:
+        set_base_learning_rate(self.trainer, self.learning_rate)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        version, state, gauss_next = self._caption_rng.getstate()
+        checkpoint["caption_rng"] = {"version": version, "state": torch.tensor(state, dtype=torch.int64),
+                                     "gauss_next": gauss_next}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("caption_rng")
+        if saved is not None:
+            self._caption_rng.setstate((saved["version"], tuple(saved["state"].tolist()), saved["gauss_next"]))
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
         generator = torch.Generator(device=self.device).manual_seed(batch_idx)  # the same t and noise each time

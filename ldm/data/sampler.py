@@ -1,0 +1,61 @@
+"""A shuffling sampler whose position can be saved and restored, so a resumed run continues its epoch.
+
+Epoch ``e`` visits ``randperm(n, seed + e)``: the order depends only on the seed and the epoch, not on any global
+random state, and ``resume(epoch, offset)`` makes the next pass over that epoch start at sample ``offset``. Lightning
+calls :meth:`set_epoch` at each epoch start; the training callback :class:`ldm.resume.ResumeState` saves and
+restores the position from the number of batches trained.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from torch.utils.data import Sampler
+
+
+class ResumableRandomSampler(Sampler[int]):
+    """Indices ``0..n-1`` in the order of ``torch.randperm(n, generator=seed + epoch)`` (``shuffle=False``: in order).
+
+    Args:
+        num_samples: the dataset's length ``n``.
+        seed: base seed of the permutations.
+        shuffle: permute (training) or keep the order.
+    """
+
+    def __init__(self, num_samples: int, seed: int = 0, shuffle: bool = True):
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        self.num_samples = int(num_samples)
+        self.seed = int(seed)
+        self.shuffle = bool(shuffle)
+        self.epoch = 0
+        self._resume: tuple[int, int] | None = None
+
+    def __len__(self) -> int:
+        # The full epoch even when resuming mid-way: Lightning counts the epoch's batches from this and restores
+        # how many of them were done.
+        return self.num_samples
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def order(self, epoch: int) -> torch.Tensor:
+        if not self.shuffle:
+            return torch.arange(self.num_samples)
+        return torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed + int(epoch)))
+
+    def resume(self, epoch: int, offset: int) -> None:
+        """Make the next pass over ``epoch`` start at its ``offset``-th sample (other epochs are unaffected)."""
+        if not 0 <= offset <= self.num_samples:
+            raise ValueError(f"resume offset {offset} is outside the epoch of {self.num_samples} samples")
+        self._resume = (int(epoch), int(offset))
+
+    def __iter__(self) -> Iterator[int]:
+        offset = 0
+        if self._resume is not None:
+            epoch, resume_offset = self._resume
+            if epoch == self.epoch:
+                offset = resume_offset
+            self._resume = None
+        yield from self.order(self.epoch)[offset:].tolist()
