@@ -371,6 +371,22 @@ class ImageGridLogger(Callback):
         return paths
 
 
+class SkippedImagesReport(Callback):
+    """Logs ``data/skipped_images`` (the training dataset's count of unreadable files it skipped) each epoch and
+    prints its one-line ``skip_summary()`` at the end of training when any were skipped."""
+
+    def __init__(self, dataset):
+        super().__init__()
+        self.dataset = dataset
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        pl_module.log("data/skipped_images", float(self.dataset.num_skipped), on_epoch=True, on_step=False)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.dataset.num_skipped and trainer.is_global_zero:
+            log.warning("training data: %s", self.dataset.skip_summary())
+
+
 class StepTimer(Callback):
     """Wall-clock training speed: ``steps_per_second`` over the optimizer steps of this ``fit`` call
     (validation, logging and checkpointing time included)."""
@@ -481,6 +497,8 @@ def build_trainer(
                  ResumeState.for_loader(train_loader)]
     if enable_progress_bar:
         callbacks.insert(0, TQDMProgressBar(refresh_rate=1))
+    if hasattr(getattr(train_loader, "dataset", None), "skip_summary"):
+        callbacks.append(SkippedImagesReport(train_loader.dataset))
     if image_every:
         callbacks.append(ImageGridLogger(run_dir / "images", every_n_steps=int(image_every), max_images=max_images))
     callbacks.extend(extra_callbacks)

@@ -174,6 +174,25 @@ def _check_params(factory: Any, params: Mapping[str, Any], path: str, target: st
     ]
     if missing:
         raise ConfigError(f"{path}.params: missing required parameter(s) {missing} for {target}")
+    for p in parameters:
+        if p.name in params:
+            _check_type(params[p.name], p.default, f"{path}.params.{p.name}")
+
+
+def _check_type(value: Any, default: Any, where: str) -> None:
+    """A value whose kind contradicts the parameter's default (a string where the default is a number, ...): a
+    ``ConfigError`` naming the key, instead of a ``TypeError`` deep inside the constructor."""
+    if value is None or default is None or default is inspect.Parameter.empty:
+        return
+    # Only the clear contradictions: a parameter may accept more than its default's type (a sampler name or mapping).
+    if isinstance(default, bool):
+        wrong, expected = isinstance(value, (str, int, float)) and not isinstance(value, bool), "true or false"
+    elif isinstance(default, (int, float)):
+        wrong, expected = isinstance(value, (str, bool)), "a number"
+    else:
+        return
+    if wrong:
+        raise ConfigError(f"{where}: expected {expected}, got {value!r} ({type(value).__name__})")
 
 
 def instantiate_from_config(config: Mapping[str, Any] | DictConfig, path: str = "config", **extra: Any) -> Any:

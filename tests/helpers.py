@@ -51,3 +51,23 @@ def make_tiny_autoencoder_file(path, scale_factor: float | None = 1.0) -> str:
     model = AutoencoderKL(ddconfig=dict(TINY_DDCONFIG), embed_dim=4)
     save_autoencoder(path, model, scale_factor=scale_factor)
     return str(path)
+
+
+class KillSwitchImages(TinyCaptionedImages):
+    """``TinyCaptionedImages`` that SIGKILLs its own process at the ``kill_at``-th item it loads, unless ``marker``
+    exists (it creates it first): a hard kill at a fixed point of training, once, whatever the timing."""
+
+    def __init__(self, num_samples: int = 16, size: int = 16, kill_at: int | None = None, marker: str | None = None):
+        super().__init__(num_samples, size)
+        self.kill_at = kill_at
+        self.marker = marker
+        self.loaded = 0
+
+    def __getitem__(self, index: int) -> dict:
+        self.loaded += 1
+        if self.kill_at is not None and self.loaded >= self.kill_at and not os.path.exists(self.marker):
+            import signal
+
+            open(self.marker, "w").close()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().__getitem__(index)
