@@ -53,9 +53,11 @@ def prepare_run_dir(run_dir: str | os.PathLike) -> Path:
 
 
 def holds_a_run(run_dir: str | os.PathLike) -> bool:
-    """Whether ``run_dir`` has any file in it (empty sub-folders do not count)."""
+    """Whether ``run_dir`` has any file in it (empty sub-folders and the lock do not count: :class:`RunLock` judges a
+    held folder)."""
     run_dir = Path(run_dir)
-    return run_dir.is_dir() and any(path.is_file() or path.is_symlink() for path in run_dir.rglob("*"))
+    return run_dir.is_dir() and any((path.is_file() or path.is_symlink()) and path != run_dir / LOCK_FILE
+                                    for path in run_dir.rglob("*"))
 
 
 def make_run_dir(

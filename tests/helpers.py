@@ -54,13 +54,16 @@ def make_tiny_autoencoder_file(path, scale_factor: float | None = 1.0) -> str:
 
 
 class KillSwitchImages(TinyCaptionedImages):
-    """``TinyCaptionedImages`` that SIGKILLs its own process at the ``kill_at``-th item it loads, unless ``marker``
-    exists (it creates it first): a hard kill at a fixed point of training, once, whatever the timing."""
+    """``TinyCaptionedImages`` that sends ``signal_name`` (default SIGKILL) to its own process at the ``kill_at``-th
+    item it loads, unless ``marker`` exists (it creates it first): a kill or a preemption at a fixed point of
+    training, once, whatever the timing."""
 
-    def __init__(self, num_samples: int = 16, size: int = 16, kill_at: int | None = None, marker: str | None = None):
+    def __init__(self, num_samples: int = 16, size: int = 16, kill_at: int | None = None, marker: str | None = None,
+                 signal_name: str = "SIGKILL"):
         super().__init__(num_samples, size)
         self.kill_at = kill_at
         self.marker = marker
+        self.signal_name = signal_name
         self.loaded = 0
 
     def __getitem__(self, index: int) -> dict:
@@ -69,5 +72,5 @@ class KillSwitchImages(TinyCaptionedImages):
             import signal
 
             open(self.marker, "w").close()
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), getattr(signal, self.signal_name))
         return super().__getitem__(index)
