@@ -23,6 +23,7 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 
 from ldm.models.latent_diffusion import LatentDiffusion  # noqa: E402
+from ldm.run_folder import holds_a_run  # noqa: E402
 from ldm.util import add_allow_target_argument  # noqa: E402
 from scripts import evaluate, train_autoencoder, train_diffusion, txt2img  # noqa: E402
 
@@ -55,6 +56,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
+    for stage in ("autoencoder", "diffusion"):
+        if holds_a_run(os.path.join(args.out, stage)):
+            raise SystemExit(f"error: {args.out} holds an earlier demo run ({stage}); remove it first (make clean-demo) "
+                             f"or give another --out (make demo DEMO_DIR=runs/demo2)")
     os.makedirs(args.out, exist_ok=True)
     times = {}
 

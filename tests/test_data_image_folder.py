@@ -361,3 +361,34 @@ def test_skip_summary_counts_skips_made_in_dataloader_workers(tmp_path):
     assert summary.startswith("skipped 2 of 4 images under ") and "\n" not in summary
     assert "bad_garbage.png, bad_truncated.png" in summary
     assert ds.skip_summary(show=1).endswith("bad_garbage.png (and 1 more)")
+
+
+def test_training_logs_the_skip_count_and_ends_with_its_summary(tmp_path, caplog):
+    import csv
+
+    import pytorch_lightning as pl
+
+    from ldm.training import build_dataloader, build_trainer
+
+    class Fit(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+
+        def training_step(self, batch, batch_idx):
+            return (batch["image"].mean() - self.w) ** 2
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    data = tmp_path / "data"
+    _folder_with_bad_files(data)
+    loader = build_dataloader({"target": "ldm.data.image_folder.CaptionedImageFolder",
+                               "params": {"root": str(data), "size": 8}}, batch_size=2, shuffle=True)
+    trainer = build_trainer(tmp_path / "run", max_steps=4, log_every=1, enable_progress_bar=False,
+                            enable_model_summary=False, train_loader=loader)
+    with caplog.at_level(logging.WARNING, logger="ldm.training"):
+        trainer.fit(Fit(), loader)
+    assert "training data: skipped 2 of 4 images" in caplog.text
+    rows = list(csv.DictReader(open(next((tmp_path / "run" / "logs").glob("version_*/metrics.csv")))))
+    assert [float(r["data/skipped_images"]) for r in rows if r.get("data/skipped_images")][-1] == 2

@@ -327,3 +327,12 @@ def test_wrong_types_name_the_key(tmp_path, autoencoder_file):
         train_diffusion.main(["--config", TINY_DIFFUSION_CONFIG, "--autoencoder", autoencoder_file, "--run-dir",
                               str(run), "lightning.checkpoint_every=often"])
     assert not run.exists()
+
+
+def test_make_demo_into_an_earlier_demo_says_how_to_start_again(tmp_path):
+    from scripts import demo
+
+    (tmp_path / "autoencoder" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "autoencoder" / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    with pytest.raises(SystemExit, match="earlier demo run.*make clean-demo"):
+        demo.main(["--out", str(tmp_path)])
