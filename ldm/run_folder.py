@@ -17,6 +17,7 @@ missing or torn ``last.ckpt`` to the newest valid ``step<N>.ckpt``, and says so.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as _dt
 import json
@@ -25,7 +26,7 @@ import os
 import re
 import socket
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 from omegaconf import OmegaConf
@@ -212,6 +213,26 @@ class RunLock:
         self.release()
 
 
+@contextlib.contextmanager
+def training_session(
+    run_dir: str | os.PathLike,
+    config: Any,
+    resume_checkpoint: str | os.PathLike | None = None,
+    resumable: tuple[str, ...] = (),
+) -> Iterator[Path]:
+    """Hold ``run_dir`` for one training session: take its lock, remove unfinished temp files, check a resumed
+    session's config against the run's (:func:`check_resume_config`), set aside the log rows of abandoned steps, and
+    write the session's config; the lock is released on the way out, whatever happens."""
+    run_dir = Path(run_dir)
+    with RunLock(run_dir):
+        remove_stale_temp_files(run_dir)
+        if resume_checkpoint is not None:
+            check_resume_config(run_dir, config, resumable)
+            set_aside_abandoned_metrics(run_dir, checkpoint_step(resume_checkpoint))
+        save_run_config(run_dir, config)
+        yield run_dir
+
+
 # --------------------------------------------------------------------------------------------- the latest checkpoint
 
 
@@ -362,5 +383,5 @@ __all__ = [
     "LOCK_FILE", "RUN_SUBDIRS", "RunFolderError", "RunLock", "check_resume_config", "checkpoint_step",
     "find_resume_checkpoint",
     "holds_a_run", "latest_checkpoint", "make_run_dir", "prepare_run_dir", "remove_stale_temp_files",
-    "save_run_config", "set_aside_abandoned_metrics",
+    "save_run_config", "set_aside_abandoned_metrics", "training_session",
 ]

@@ -8,6 +8,7 @@ random states and data position; SIGTERM/SIGINT checkpoint the current step and 
 
 from __future__ import annotations
 
+import datetime as _dt
 import logging
 import math
 import os
@@ -542,6 +543,39 @@ def build_trainer(
     trainer.graceful_stop = stop
     trainer.run_dir = run_dir
     return trainer
+
+
+def trainer_from_settings(run_dir: str | os.PathLike, settings: Mapping[str, Any], train_loader, val_loader=None,
+                          **kwargs: Any) -> pl.Trainer:
+    """``build_trainer`` from a typed ``lightning:`` section (:func:`lightning_settings`); validation only when there
+    is a validation loader."""
+    max_minutes = settings["max_minutes"]
+    return build_trainer(
+        run_dir,
+        max_steps=settings["max_steps"],
+        log_every=settings["log_every"],
+        checkpoint_every=settings["checkpoint_every"],
+        precision=settings["precision"],
+        accelerator=settings["accelerator"],
+        image_every=settings["image_every"],
+        max_images=settings["max_images"],
+        val_every=settings["val_every"] if val_loader is not None else None,
+        limit_val_batches=settings["limit_val_batches"],
+        gradient_clip_val=settings["gradient_clip_val"],
+        max_time=_dt.timedelta(minutes=float(max_minutes)) if max_minutes else None,
+        train_loader=train_loader,
+        **kwargs,
+    )
+
+
+def exit_if_stopped(trainer: pl.Trainer) -> None:
+    """After the script saved its weights: ``SystemExit(128 + signal)`` when a signal ended training early."""
+    stop = getattr(trainer, "graceful_stop", None)
+    if stop is None or stop.received is None:
+        return
+    log.warning("stopped by %s at step %d: checkpoint and weights saved; continue with --resume %s",
+                signal.Signals(stop.received).name, trainer.global_step, getattr(trainer, "run_dir", "<run>"))
+    raise SystemExit(stop.exit_code)
 
 
 # --------------------------------------------------------------------------------------------- data

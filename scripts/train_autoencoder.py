@@ -23,10 +23,8 @@ limit_val_batches, seed, scale_factor_batches, accelerator).
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import logging
 import os
-import signal
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,22 +36,14 @@ import torch  # noqa: E402
 from autoencoder.io import save_autoencoder  # noqa: E402
 from autoencoder.losses import PerceptualWeightsUnavailable  # noqa: E402
 from autoencoder.scale import latent_statistics  # noqa: E402
-from ldm.run_folder import (  # noqa: E402
-    RunLock,
-    check_resume_config,
-    checkpoint_step,
-    find_resume_checkpoint,
-    make_run_dir,
-    remove_stale_temp_files,
-    save_run_config,
-    set_aside_abandoned_metrics,
-)
+from ldm.run_folder import find_resume_checkpoint, make_run_dir, training_session  # noqa: E402
 from ldm.training import (  # noqa: E402
     RESUMABLE_LIGHTNING_KEYS,
     build_dataloaders,
-    build_trainer,
+    exit_if_stopped,
     lightning_settings,
     steps_summary,
+    trainer_from_settings,
 )
 from ldm.util import add_allow_target_argument, instantiate_from_config, load_config, to_container  # noqa: E402
 
@@ -171,35 +161,14 @@ def main(argv=None) -> str:
         module = instantiate_from_config(config.model, path="model")
     except PerceptualWeightsUnavailable as error:
         raise SystemExit(f"error: {error}") from None
-    # Only now: a bad model config fails without leaving an empty run folder behind.
+    train_loader, val_loader = build_dataloaders(config.data, seed=seed)
+    # Only now: a bad model or data config fails without leaving an empty run folder behind.
     name = os.path.splitext(os.path.basename(args.config))[0]
     if args.resume and name == "config":
         name = os.path.basename(os.path.normpath(str(resumed_run)))
     run_dir = make_run_dir(args.run_dir, name, resume_ckpt)
-    with RunLock(run_dir):
-        remove_stale_temp_files(run_dir)
-        if resume_ckpt is not None:
-            check_resume_config(run_dir, config, RESUMABLE_KEYS)
-            set_aside_abandoned_metrics(run_dir, checkpoint_step(resume_ckpt))
-        save_run_config(run_dir, config)
-        train_loader, val_loader = build_dataloaders(config.data, seed=seed)
-
-        max_minutes = settings["max_minutes"]
-        trainer = build_trainer(
-            run_dir,
-            max_steps=settings["max_steps"],
-            log_every=settings["log_every"],
-            checkpoint_every=settings["checkpoint_every"],
-            precision=settings["precision"],
-            accelerator=settings["accelerator"],
-            image_every=settings["image_every"],
-            max_images=settings["max_images"],
-            val_every=settings["val_every"] if val_loader is not None else None,
-            limit_val_batches=settings["limit_val_batches"],
-            gradient_clip_val=settings["gradient_clip_val"],
-            max_time=dt.timedelta(minutes=float(max_minutes)) if max_minutes else None,
-            train_loader=train_loader,
-        )
+    with training_session(run_dir, config, resume_ckpt, RESUMABLE_KEYS):
+        trainer = trainer_from_settings(run_dir, settings, train_loader, val_loader)
         log.info("run folder %s; learning rate %.3g; %d parameters", run_dir, lr,
                  sum(p.numel() for p in module.autoencoder.parameters()))
         trainer.fit(module, train_loader, val_loader, ckpt_path=str(resume_ckpt) if resume_ckpt else None)
@@ -225,11 +194,7 @@ def main(argv=None) -> str:
             },
         )
     print(f"trained {steps_summary(trainer.step_timer)} this session, {trainer.global_step} in all; weights: {weights}")
-    stop = trainer.graceful_stop
-    if stop.received is not None:
-        log.warning("stopped by %s at step %d: checkpoint and weights saved; continue with --resume %s",
-                    signal.Signals(stop.received).name, trainer.global_step, run_dir)
-        raise SystemExit(stop.exit_code)
+    exit_if_stopped(trainer)
     return str(weights)
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
 import time
 
@@ -29,17 +28,14 @@ import torch  # noqa: E402
 from autoencoder import load_autoencoder  # noqa: E402
 from ldm.checkpoint import load_config_from_checkpoint, load_into, load_state_dict  # noqa: E402
 from ldm.models.latent_diffusion import LatentDiffusion  # noqa: E402
-from ldm.run_folder import (  # noqa: E402
-    RunLock,
-    check_resume_config,
-    checkpoint_step,
-    find_resume_checkpoint,
-    make_run_dir,
-    remove_stale_temp_files,
-    save_run_config,
-    set_aside_abandoned_metrics,
+from ldm.run_folder import find_resume_checkpoint, make_run_dir, training_session  # noqa: E402
+from ldm.training import (  # noqa: E402
+    RESUMABLE_LIGHTNING_KEYS,
+    build_dataloaders,
+    exit_if_stopped,
+    lightning_settings,
+    trainer_from_settings,
 )
-from ldm.training import RESUMABLE_LIGHTNING_KEYS, build_dataloaders, build_trainer, lightning_settings  # noqa: E402
 from ldm.util import ConfigError, add_allow_target_argument, instantiate_from_config, load_config, to_container  # noqa: E402
 
 log = logging.getLogger("train_diffusion")
@@ -119,30 +115,12 @@ def main(argv=None) -> str:
     pl.seed_everything(settings["seed"])  # the frozen random text tower depends on it
     model = build_model(to_container(config.model), args.autoencoder, args.init_from)
     module = instantiate_from_config(config.trainer, path="trainer", model=model)
-    # Only now: a bad model or trainer config fails without leaving an empty run folder behind.
+    train_loader, val_loader = build_dataloaders(config.data, seed=settings["seed"])
+    # Only now: a bad model, trainer or data config fails without leaving an empty run folder behind.
     name = os.path.splitext(os.path.basename(args.config or str(resumed_run)))[0]
     run_dir = make_run_dir(args.run_dir, name, args.resume)
-    with RunLock(run_dir):
-        remove_stale_temp_files(run_dir)
-        if resume_ckpt is not None:
-            check_resume_config(run_dir, config, RESUMABLE_KEYS)
-            set_aside_abandoned_metrics(run_dir, checkpoint_step(resume_ckpt))
-        save_run_config(run_dir, config)
-        train_loader, val_loader = build_dataloaders(config.data, seed=settings["seed"])
-        trainer = build_trainer(
-            run_dir,
-            max_steps=settings["max_steps"],
-            log_every=settings["log_every"],
-            checkpoint_every=settings["checkpoint_every"],
-            image_every=settings["image_every"],
-            val_every=settings["val_every"] if val_loader is not None else None,
-            precision=settings["precision"],
-            accelerator=settings["accelerator"],
-            max_images=settings["max_images"],
-            limit_val_batches=settings["limit_val_batches"],
-            gradient_clip_val=settings["gradient_clip_val"],
-            train_loader=train_loader,
-        )
+    with training_session(run_dir, config, resume_ckpt, RESUMABLE_KEYS):
+        trainer = trainer_from_settings(run_dir, settings, train_loader, val_loader)
         start = time.perf_counter()
         try:
             trainer.fit(module, train_loader, val_loader, ckpt_path=resume_ckpt)
@@ -159,11 +137,7 @@ def main(argv=None) -> str:
             model.save(weights, dtype=export_dtype, extra_metadata={"global_step": trainer.global_step})
     log.info("%s in %.1f min (%d in all); EMA weights written to %s",
              f"{trainer.step_timer.steps} steps this session", minutes, trainer.global_step, weights)
-    stop = trainer.graceful_stop
-    if stop.received is not None:
-        log.warning("stopped by %s at step %d: checkpoint and weights saved; continue with --resume %s",
-                    signal.Signals(stop.received).name, trainer.global_step, run_dir)
-        raise SystemExit(stop.exit_code)
+    exit_if_stopped(trainer)
     return weights
 
 

@@ -191,9 +191,10 @@ def test_ctrl_c_exports_the_weights_learnt_so_far(autoencoder_file, tmp_path, mo
             if trainer.global_step == 3:
                 raise KeyboardInterrupt
 
-    build = train_diffusion.build_trainer
-    monkeypatch.setattr(train_diffusion, "build_trainer",
-                        lambda *a, **k: build(*a, extra_callbacks=[InterruptAtStep3()], **k))
+    from ldm import training
+
+    build = training.build_trainer
+    monkeypatch.setattr(training, "build_trainer", lambda *a, **k: build(*a, extra_callbacks=[InterruptAtStep3()], **k))
     weights = train_diffusion.main(["--config", CONFIG, "--autoencoder", autoencoder_file, "--run-dir",
                                     str(tmp_path), "--max-steps", "10"])
     assert int(read_safetensors_metadata(weights)["global_step"]) == 3
@@ -220,14 +221,16 @@ def test_init_from_and_autoencoder_are_exclusive(trained, autoencoder_file, tmp_
 
 
 def test_config_gradient_clipping_reaches_the_trainer(autoencoder_file, tmp_path, monkeypatch):
+    from ldm import training
+
     seen = {}
-    build = train_diffusion.build_trainer
+    build = training.build_trainer
 
     def spy(*args, **kwargs):
         seen.update(kwargs)
         return build(*args, **kwargs)
 
-    monkeypatch.setattr(train_diffusion, "build_trainer", spy)
+    monkeypatch.setattr(training, "build_trainer", spy)
     train_diffusion.main(["--config", CONFIG, "--autoencoder", autoencoder_file, "--run-dir", str(tmp_path),
                           "--max-steps", "1", "lightning.gradient_clip_val=0.5"])
     assert seen["gradient_clip_val"] == 0.5
