@@ -14,7 +14,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -c constraints.txt -e ".[test,bench]"
+	$(PY) -m pip install -c constraints.txt -e ".[test,bench,diffusers]"
 	touch $@
 
 test: install

@@ -28,6 +28,8 @@ setup(
         "test": ["pytest>=7", "pytest-timeout>=2", "scikit-image>=0.20", "psutil>=5", "matplotlib>=3.5"],
         "gpu": ["xformers>=0.0.23"],
         "bench": ["diffusers>=0.30", "psutil>=5"],
+        # checkpoint interop with diffusers folders and HF CLIP text encoders; the core never needs them
+        "diffusers": ["diffusers>=0.30", "transformers>=4.40"],
         "plots": ["matplotlib>=3.5"],
         "tensorboard": ["tensorboard>=2.10"],
     },

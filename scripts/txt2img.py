@@ -2,6 +2,8 @@
 
     python scripts/txt2img.py --prompt "a red circle"                      # the shipped demo weights
     python scripts/txt2img.py --from-file prompts.txt --ckpt runs/x/model.safetensors --sampler ddim --steps 50
+    python scripts/txt2img.py --prompt "a photo of a cat" --ckpt v2-1_768-ema-pruned.safetensors \
+        --config configs/stable-diffusion/v2-inference-v.yaml --height 768 --width 768   # an original SD file
 
 Every image is written as PNG with the prompt and settings in its text metadata, plus a grid per run.
 The same ``--seed`` gives the same images. Everything that can be wrong (checkpoint, sampler, size,
@@ -28,7 +30,7 @@ from ldm.diffusion import SAMPLERS  # noqa: E402
 from ldm.generate import PRECISIONS, autocast_for, generate  # noqa: E402
 from ldm.images import save_grid, save_png_with_metadata  # noqa: E402
 from ldm.inference import prepare_for_inference  # noqa: E402
-from ldm.models.latent_diffusion import LatentDiffusion  # noqa: E402
+from ldm.interop import load_model  # noqa: E402
 from ldm.util import add_allow_target_argument  # noqa: E402
 
 log = logging.getLogger("txt2img")
@@ -39,7 +41,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="the text prompt")
     source.add_argument("--from-file", help="a text file with one prompt a line")
-    parser.add_argument("--ckpt", default=None, help=f"weights (.safetensors with config); default: {DEMO_CHECKPOINT}")
+    parser.add_argument("--ckpt", default=None,
+                        help=f"our .safetensors (config inside) or an original Stable Diffusion .ckpt/.safetensors; "
+                             f"default: {DEMO_CHECKPOINT}")
+    parser.add_argument("--config", default=None,
+                        help="for a Stable Diffusion file: its original inference YAML (e.g. v2-inference-v.yaml); "
+                             "default: read the variant off the weights")
+    parser.add_argument("--parameterization", default=None, choices=["eps", "v", "x0"],
+                        help="what a Stable Diffusion file's UNet predicts when no --config says it (768-v: v)")
+    parser.add_argument("--use-ema", action="store_true", help="a Stable Diffusion file's model_ema weights")
     parser.add_argument("--sampler", default="ddim", help=f"one of {sorted(SAMPLERS)}")
     parser.add_argument("--steps", type=int, default=50, help="sampling steps (DDPM uses all of the schedule's)")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like")
@@ -109,7 +119,8 @@ def main(argv=None) -> list[str]:
     if not os.path.isfile(ckpt):
         raise SystemExit(f"error: checkpoint not found: {ckpt}")
 
-    model = LatentDiffusion.from_checkpoint(ckpt).eval()
+    model = load_model(ckpt, config=args.config, parameterization=args.parameterization,
+                       use_ema=args.use_ema or None).eval()
     train_size = model.config.get("image_size", 64) if model.config else 64
     height, width = args.height or train_size, args.width or train_size
     try:

@@ -136,6 +136,8 @@ def test_every_shipped_config_target_is_allowed_and_every_allowed_name_exists():
     for name in DEFAULT_ALLOWED_TARGETS:
         assert callable(get_obj_from_str(name)), name
     for folder, _, files in os.walk(os.path.join(ROOT, "configs")):
+        if os.path.basename(folder) == "stable-diffusion":
+            continue  # SD's own files: their class names are mapped by ldm.interop, never built (test_interop_*)
         for file in files:
             path = os.path.join(folder, file)
             check_targets(load_config(path), path)

@@ -120,6 +120,21 @@ class LatentDiffusion(nn.Module):
         load_into(model, load_state_dict(path, map_location=map_location), what=f"latent diffusion ({path})")
         return model
 
+    @classmethod
+    def from_single_file(
+        cls,
+        path: str | os.PathLike,
+        config: str | os.PathLike | Mapping[str, Any] | None = None,
+        parameterization: str | None = None,
+        use_ema: bool | None = None,
+        map_location: str | torch.device = "cpu",
+    ) -> "LatentDiffusion":
+        """From an original Stable Diffusion ``.ckpt``/``.safetensors`` and (optionally) its original inference YAML;
+        see :func:`ldm.interop.single_file.load_single_file`."""
+        from ldm.interop.single_file import load_single_file
+
+        return load_single_file(path, config, parameterization, use_ema, map_location)
+
     def save(self, path: str | os.PathLike, dtype: torch.dtype | None = None, extra_metadata: Mapping[str, Any] | None = None) -> None:
         """Atomically write all weights (SD key layout) and the full config to ``path``."""
         if self.config is None:

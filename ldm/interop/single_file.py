@@ -1,0 +1,267 @@
+"""Original Stable Diffusion single files (``.ckpt`` / ``.safetensors``) into a :class:`LatentDiffusion`.
+
+Our module names are SD's (``model.diffusion_model``, ``first_stage_model``, ``cond_stage_model``), so an SD state
+dict loads into our model key for key once the parts SD keeps beside the weights are dealt with:
+
+* the schedule tables SD registers as buffers (``betas``, ``alphas_cumprod``, ``posterior_*`` ...) are compared with
+  our schedule's (a mismatch is an error naming the table: the file was trained with another schedule), then dropped;
+* ``model_ema.*`` (SD's LitEma: ``model_ema.diffusion_modelinput_blocks00weight``) replaces the UNet weights with
+  ``use_ema=True``, and is dropped otherwise; ``model_ema.decay``/``num_updates``, ``logvar`` and the
+  ``scale_factor`` buffer of a ``scale_by_std`` run are read or dropped;
+* everything else must match exactly: every weight consumed, none missing, shapes equal. A wrong file gets one
+  error naming the first keys and shapes that differ.
+
+The file is read by content, not by extension: a safetensors header or a zip/pickle ``torch.save`` archive, the
+latter only with ``torch.load(weights_only=True)``. Without a config the variant is read off the weights
+(:func:`infer_variant`) and SD's stock inference config for it is used (``configs/stable-diffusion/``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import zipfile
+from typing import Any, Mapping
+
+import torch
+
+from ldm.interop.sd_config import load_sd_config, sd_config_to_ours, stock_config_path
+
+log = logging.getLogger(__name__)
+
+# SD's DDPM.register_schedule buffers: name -> how to compute it from betas (float64), to compare with the file
+_SCHEDULE_TABLES = {
+    "betas": lambda b, a, ap: b,
+    "alphas_cumprod": lambda b, a, ap: a,
+    "alphas_cumprod_prev": lambda b, a, ap: ap,
+    "sqrt_alphas_cumprod": lambda b, a, ap: a.sqrt(),
+    "sqrt_one_minus_alphas_cumprod": lambda b, a, ap: (1 - a).sqrt(),
+    "log_one_minus_alphas_cumprod": lambda b, a, ap: (1 - a).log(),
+    "sqrt_recip_alphas_cumprod": lambda b, a, ap: (1 / a).sqrt(),
+    "sqrt_recipm1_alphas_cumprod": lambda b, a, ap: (1 / a - 1).sqrt(),
+    "posterior_variance": lambda b, a, ap: b * (1 - ap) / (1 - a),
+    "posterior_log_variance_clipped": lambda b, a, ap: (b * (1 - ap) / (1 - a)).clamp(min=1e-20).log(),
+    "posterior_mean_coef1": lambda b, a, ap: b * ap.sqrt() / (1 - a),
+    "posterior_mean_coef2": lambda b, a, ap: (1 - ap) * (1 - b).sqrt() / (1 - a),
+}
+_DROPPED = ("logvar", "lvlb_weights", "model_ema.decay", "model_ema.num_updates")
+UNET_PREFIX = "model.diffusion_model."
+EMA_PREFIX = "model_ema."
+SAFETENSORS_MAX_HEADER = 100 * 2**20
+
+
+class CheckpointFormatError(ValueError):
+    """A file that is not a Stable Diffusion checkpoint, or not the one its config describes."""
+
+
+# --------------------------------------------------------------------------------------------- reading
+
+
+def _is_safetensors(path: str) -> bool:
+    """A safetensors file starts with an 8-byte little-endian header length and a JSON header (``{``)."""
+    with open(path, "rb") as handle:
+        head = handle.read(9)
+    if len(head) < 9:
+        return False
+    size = int.from_bytes(head[:8], "little")
+    return 0 < size <= min(SAFETENSORS_MAX_HEADER, os.path.getsize(path) - 8) and head[8:9] == b"{"
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Every tensor in a checkpoint file, judged by its content: safetensors, or a ``torch.save`` archive read with
+    ``weights_only=True`` (a Lightning/CompVis ``state_dict`` level is unwrapped). ``CheckpointFormatError`` naming
+    the file for anything else (a text file, a truncated download, a pickle that would run code)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if _is_safetensors(path):
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(path)
+        except Exception as error:  # a header that parses but a body cut short
+            raise CheckpointFormatError(f"{path}: a damaged or truncated safetensors file ({error})") from None
+    if zipfile.is_zipfile(path) or _looks_like_legacy_pickle(path):
+        try:
+            with open(path, "rb") as handle:  # a file object: torch.load must not judge by the name either
+                payload = torch.load(handle, map_location="cpu", weights_only=True)
+        except Exception as error:
+            raise CheckpointFormatError(
+                f"{path}: torch.load(weights_only=True) refused it ({type(error).__name__}: {str(error)[:300]}); "
+                "only tensors and plain containers are read, never pickled code") from None
+        if isinstance(payload, Mapping) and isinstance(payload.get("state_dict"), Mapping):
+            payload = payload["state_dict"]
+        if not isinstance(payload, Mapping) or not all(isinstance(v, torch.Tensor) for v in payload.values()):
+            raise CheckpointFormatError(f"{path}: holds no state dict of tensors")
+        return dict(payload)
+    raise CheckpointFormatError(f"{path}: not a model file (neither safetensors nor a torch checkpoint)")
+
+
+def _looks_like_legacy_pickle(path: str) -> bool:
+    with open(path, "rb") as handle:
+        return handle.read(2) in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
+
+
+# --------------------------------------------------------------------------------------------- variants
+
+
+def infer_variant(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """The stock config a file fits, read off its weights as diffusers' ``from_single_file`` does: the text
+    encoder's layout (HF CLIP -> v1, OpenCLIP -> v2) and the UNet's input channels (9 -> inpainting).
+
+    v-prediction cannot be seen in the weights: v2 files are taken as eps unless ``parameterization="v"`` is given.
+    """
+    conv_in = state_dict.get(UNET_PREFIX + "input_blocks.0.0.weight")
+    if conv_in is None:
+        first = sorted(state_dict)[:5]
+        raise CheckpointFormatError(
+            f"no UNet in this file ({UNET_PREFIX}input_blocks.0.0.weight missing; first keys {first}): a VAE-only, "
+            "LoRA or text-encoder file is not a whole Stable Diffusion checkpoint")
+    if any(k.startswith("cond_stage_model.transformer.") for k in state_dict):
+        family = "v1"
+    elif any(k.startswith("cond_stage_model.model.") for k in state_dict):
+        family = "v2"
+    else:
+        raise CheckpointFormatError("no text encoder in this file (cond_stage_model.transformer.* for SD v1 or "
+                                    "cond_stage_model.model.* for SD v2): pass --config for such a file")
+    inpainting = conv_in.shape[1] == 9
+    return f"{family}-inpainting-inference" if inpainting else f"{family}-inference"
+
+
+# --------------------------------------------------------------------------------------------- state dict
+
+
+def check_schedule_tables(state_dict: Mapping[str, torch.Tensor], schedule, source: str) -> list[str]:
+    """Compare SD's schedule buffers in the file with ``schedule``'s (relative 1e-4: SD stores them in float32);
+    an error names the first that differs. Returns the table names found."""
+    betas = schedule.betas.double().cpu()
+    alphas_cumprod = torch.cumprod(1 - betas, 0)
+    previous = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
+    found = []
+    for name, fn in _SCHEDULE_TABLES.items():
+        if name not in state_dict:
+            continue
+        stored = state_dict[name].double()
+        expected = fn(betas, alphas_cumprod, previous)
+        if stored.shape != expected.shape:
+            raise CheckpointFormatError(f"{source}: schedule table {name!r} has {stored.numel()} steps, the config "
+                                        f"{expected.numel()}: the file was trained with another schedule")
+        finite = torch.isfinite(expected)
+        if not torch.allclose(stored[finite], expected[finite], rtol=1e-4, atol=1e-7):
+            index = int(((stored - expected).abs() / expected.abs().clamp(min=1e-12)).nan_to_num(0).argmax())
+            raise CheckpointFormatError(
+                f"{source}: schedule table {name!r} differs from the config's schedule (step {index}: file "
+                f"{float(stored[index]):.6g}, config {float(expected[index]):.6g}): the file was trained with another "
+                "beta schedule (check linear_start/linear_end/timesteps in --config)")
+        found.append(name)
+    return found
+
+
+def ema_key(unet_key: str) -> str:
+    """SD's LitEma buffer name of a ``model.diffusion_model.*`` weight: the path under ``model``, dots removed."""
+    return EMA_PREFIX + unet_key[len("model."):].replace(".", "")
+
+
+def select_weights(state_dict: Mapping[str, torch.Tensor], use_ema: bool | None, source: str) -> tuple[dict, bool]:
+    """The UNet/VAE/text weights to load: ``model_ema.*`` replaces the UNet weights when ``use_ema`` (``None``: when
+    the file has EMA weights for every UNet parameter and no separate ones), and is dropped otherwise."""
+    ema = {k: v for k, v in state_dict.items() if k.startswith(EMA_PREFIX) and k not in _DROPPED}
+    weights = {k: v for k, v in state_dict.items() if not k.startswith(EMA_PREFIX)}
+    unet_keys = [k for k in weights if k.startswith(UNET_PREFIX)]
+    if use_ema is None:
+        use_ema = False
+    if use_ema:
+        if not ema:
+            raise CheckpointFormatError(f"{source}: --use-ema was asked for but the file holds no model_ema.* weights")
+        missing = [k for k in unet_keys if ema_key(k) not in ema and weights[k].is_floating_point()]
+        if missing:
+            raise CheckpointFormatError(f"{source}: model_ema.* lacks {len(missing)} UNet weight(s), e.g. "
+                                        f"{ema_key(missing[0])}")
+        for key in unet_keys:
+            if ema_key(key) in ema:
+                weights[key] = ema[ema_key(key)]
+    return weights, use_ema
+
+
+def _head(items: list[str], n: int = 5) -> str:
+    return ", ".join(items[:n]) + (f" (and {len(items) - n} more)" if len(items) > n else "")
+
+
+def load_sd_weights(model, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
+    """Strictly load SD-layout weights into ``model``; one error naming the first keys and shapes that differ."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    mismatched = [f"{k} (file {tuple(state_dict[k].shape)}, config {tuple(own[k].shape)})"
+                  for k in sorted(set(own) & set(state_dict)) if state_dict[k].shape != own[k].shape]
+    if missing or unexpected or mismatched:
+        parts = []
+        if mismatched:
+            parts.append(f"{len(mismatched)} shape(s) differ: {_head(mismatched, 3)}")
+        if missing:
+            parts.append(f"{len(missing)} weight(s) missing from the file: {_head(missing)}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} weight(s) the config has no place for: {_head(unexpected)}")
+        raise CheckpointFormatError(f"{source} does not fit its config (another variant or size? a LoRA?): "
+                                    + "; ".join(parts))
+    with torch.no_grad():
+        model.load_state_dict({k: v.to(own[k].dtype) for k, v in state_dict.items()}, strict=True)
+
+
+# --------------------------------------------------------------------------------------------- the whole model
+
+
+def load_single_file(
+    path: str | os.PathLike,
+    config: str | os.PathLike | Mapping[str, Any] | None = None,
+    parameterization: str | None = None,
+    use_ema: bool | None = None,
+    map_location: str | torch.device = "cpu",
+):
+    """A :class:`LatentDiffusion` from an original Stable Diffusion checkpoint.
+
+    Args:
+        path: SD ``.ckpt`` / ``.safetensors`` (read by content).
+        config: SD's original inference YAML (path or mapping), e.g. ``v2-inference-v.yaml``; ``None``: the stock
+            config of the variant read off the weights (:func:`infer_variant`).
+        parameterization: ``eps``/``v``/``x0``, overriding the config (a v-prediction file without a config needs it).
+        use_ema: load ``model_ema.*`` into the UNet (default: no).
+    """
+    from ldm.models.latent_diffusion import LatentDiffusion
+
+    source = os.fspath(path)
+    state_dict = read_state_dict(source)
+    if config is None:
+        variant = infer_variant(state_dict)
+        ours = load_sd_config(stock_config_path(variant))
+        log.info("%s: no --config given; the weights look like %s (stock config %s)%s", source, variant,
+                 stock_config_path(variant), "" if parameterization else
+                 "; v-prediction cannot be read off the weights: pass --parameterization v for a 768-v model")
+    elif isinstance(config, Mapping):
+        ours = sd_config_to_ours(config)
+    else:
+        ours = load_sd_config(config)
+    if parameterization is not None:
+        if parameterization not in ("eps", "x0", "v"):
+            raise ValueError(f"parameterization must be eps, x0 or v, got {parameterization!r}")
+        ours["parameterization"] = parameterization
+    if ours.pop("variant") == "inpainting":
+        ours["inpainting"] = True
+    if "scale_factor" in state_dict:  # a scale_by_std run stores the factor it measured
+        ours["scale_factor"] = float(state_dict["scale_factor"])
+    if not math.isfinite(ours["scale_factor"]) or ours["scale_factor"] <= 0:
+        raise CheckpointFormatError(f"{source}: scale_factor {ours['scale_factor']} is not a positive number")
+    ours.setdefault("sampler_defaults", {})
+
+    model = LatentDiffusion.from_config(ours)
+    check_schedule_tables(state_dict, model.schedule, source)
+    weights, used_ema = select_weights(state_dict, use_ema, source)
+    weights = {k: v for k, v in weights.items()
+               if k not in _SCHEDULE_TABLES and k not in _DROPPED and k != "scale_factor"}
+    # SD v1 files may carry HF's position_ids buffer (an index table, not a weight)
+    weights = {k: v for k, v in weights.items() if not k.endswith("embeddings.position_ids")}
+    load_sd_weights(model, weights, source)
+    log.info("loaded %s (%s, %s-prediction%s)", source, "inpainting" if ours.get("inpainting") else "txt2img",
+             model.parameterization, ", EMA weights" if used_ema else "")
+    return model.to(map_location).eval()
