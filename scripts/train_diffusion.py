@@ -27,6 +27,7 @@ import torch  # noqa: E402
 
 from autoencoder import load_autoencoder  # noqa: E402
 from ldm.checkpoint import load_config_from_checkpoint, load_into, load_state_dict  # noqa: E402
+from ldm.interop import is_our_format, load_single_file  # noqa: E402
 from ldm.models.latent_diffusion import LatentDiffusion  # noqa: E402
 from ldm.run_folder import find_resume_checkpoint, make_run_dir, training_session  # noqa: E402
 from ldm.training import (  # noqa: E402
@@ -52,6 +53,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--init-from", default=None,
                         help="start from a trained model file (train_diffusion/export output): fine-tuning or "
                              "longer training; its autoencoder and scale factor are used, --autoencoder is not needed")
+    parser.add_argument("--config-from", default=None,
+                        help="with --init-from an original Stable Diffusion file: its inference YAML "
+                             "(v1-inference.yaml, v2-inference-v.yaml, ...); default: read the variant off the weights")
+    parser.add_argument("--parameterization", default=None, choices=["eps", "v", "x0"],
+                        help="with --init-from a Stable Diffusion file and no --config-from: what its UNet predicts")
+    parser.add_argument("--use-ema", action="store_true", help="start from a Stable Diffusion file's EMA weights")
     parser.add_argument("--data", default=None, help="a captioned image folder instead of the config's dataset")
     parser.add_argument("--max-steps", type=int, default=None)
     parser.add_argument("--resume", default=None,
@@ -66,18 +73,27 @@ def check_config(config) -> None:
     unknown = sorted(set(config) - TOP_LEVEL_KEYS)
     if unknown:
         raise ConfigError(f"unknown top-level config key(s) {unknown}; expected {sorted(TOP_LEVEL_KEYS)}")
-    for key in ("model", "trainer", "data"):
+    for key in ("trainer", "data"):
         if key not in config:
             raise ConfigError(f"config has no '{key}' section")
 
 
-def build_model(model_config: dict, autoencoder_path: str | None = None, init_from: str | None = None) -> LatentDiffusion:
+def build_model(model_config: dict, autoencoder_path: str | None = None, init_from: str | None = None,
+                config_from: str | None = None, parameterization: str | None = None,
+                use_ema: bool | None = None) -> LatentDiffusion:
     """The frozen stage-one autoencoder (with its stored scale factor) + text encoder + UNet + schedule.
 
-    With ``init_from`` (a whole-model file), every weight starts from that file, autoencoder included.
+    With ``init_from`` (a whole-model file), every weight starts from that file, autoencoder included. An original
+    Stable Diffusion file (with ``config_from``, its original inference YAML, or its stock config) brings the whole
+    model, architecture, schedule, parameterization and scale factor included: ``model_config`` is not used.
     """
     if (autoencoder_path is None) == (init_from is None):
         raise ValueError("give exactly one of --autoencoder (stage-one weights) or --init-from (a whole model)")
+    if init_from is not None and (config_from is not None or not is_our_format(init_from)):
+        return load_single_file(init_from, config=config_from, parameterization=parameterization, use_ema=use_ema)
+    if config_from is not None or use_ema or parameterization:
+        raise ValueError("--config-from, --parameterization and --use-ema are for --init-from an original Stable "
+                         "Diffusion file")
     if init_from is not None:
         stored = load_config_from_checkpoint(init_from)
         if "autoencoder" not in stored or "scale_factor" not in stored:
@@ -101,19 +117,24 @@ def main(argv=None) -> str:
     # a run folder's config.yaml may come from anyone: its targets must be on the allow-list
     config = load_config(config_path, overrides=args.overrides, trusted=args.config is not None)
     check_config(config)
-    if args.data:
-        data = config.data.params if "params" in config.data else config.data
-        data.train = {
-            "target": "ldm.data.image_folder.CaptionedImageFolder",
-            "params": {"root": args.data, "size": config.model.get("image_size", 64), "crop": "random", "flip": False},
-        }
-        data.pop("validation", None)
     if args.max_steps is not None:
         config.lightning = {**to_container(config.get("lightning") or {}), "max_steps": args.max_steps}
     settings = lightning_settings(config.get("lightning"), image_every=1000)
 
     pl.seed_everything(settings["seed"])  # the frozen random text tower depends on it
-    model = build_model(to_container(config.model), args.autoencoder, args.init_from)
+    model = build_model(to_container(config.get("model") or {}), args.autoencoder, args.init_from, args.config_from,
+                        args.parameterization, args.use_ema or None)
+    if args.init_from and (args.config_from or not is_our_format(args.init_from)):
+        # a Stable Diffusion file brought its own model: the run's config says what is trained
+        log.info("the model comes from %s; config.yaml records its architecture", args.init_from)
+        config.model = model.config
+    if args.data:
+        data = config.data.params if "params" in config.data else config.data
+        data.train = {
+            "target": "ldm.data.image_folder.CaptionedImageFolder",
+            "params": {"root": args.data, "size": (model.config or {}).get("image_size", 64), "crop": "random", "flip": False},
+        }
+        data.pop("validation", None)
     module = instantiate_from_config(config.trainer, path="trainer", model=model)
     train_loader, val_loader = build_dataloaders(config.data, seed=settings["seed"])
     # Only now: a bad model, trainer or data config fails without leaving an empty run folder behind.

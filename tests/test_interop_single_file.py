@@ -323,3 +323,23 @@ def test_bad_files_get_one_clear_error(sd_files, tmp_path):
     with pytest.raises(ValueError, match="'os.system' is not a Stable Diffusion class"):
         LatentDiffusion.from_single_file(path, config=hostile)
     assert not marker.exists()
+
+
+def test_fine_tuning_starts_from_an_sd_file_and_keeps_its_schedule(sd_files, tmp_path):
+    from safetensors.torch import load_file
+
+    from scripts import train_diffusion
+    from tests.helpers import TINY_DIFFUSION_CONFIG
+
+    path, yaml_path, state = sd_files["v2-v"]
+    out = train_diffusion.main(["--config", TINY_DIFFUSION_CONFIG, "--init-from", path, "--config-from", yaml_path,
+                                "--run-dir", str(tmp_path / "run"), "--max-steps", "2",
+                                "trainer.params.learning_rate=0.0", "lightning.image_every=100"])
+    exported = LatentDiffusion.from_checkpoint(out)
+    assert exported.parameterization == "v" and exported.scale_factor == 0.18215
+    assert exported.config["schedule"]["params"]["beta_end"] == 0.012
+    weights = load_file(out)
+    for key, value in weights.items():  # learning rate 0: every weight is still the SD file's
+        assert torch.equal(value, state[key]), key
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["model"]["unet"]["params"]["context_dim"] == 32  # the run says what it trains: the SD model

@@ -379,7 +379,7 @@ class FrozenCLIPEmbedder(FrozenOpenCLIPEmbedder):
     ``encode(texts) -> [B, max_length, width]`` (width 768 for ViT-L/14).
     """
 
-    PAD_WITH_EOT = True
+    PAD_WITH_EOT = False
 
     def __init__(
         self,
