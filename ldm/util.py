@@ -47,6 +47,7 @@ DEFAULT_ALLOWED_TARGETS = frozenset({
     "ldm.diffusion.noise_schedule.NoiseSchedule",
     "ldm.models.diffusion_trainer.DiffusionTrainer",
     "ldm.modules.diffusionmodules.openaimodel.UNetModel",
+    "ldm.modules.encoders.modules.FrozenCLIPEmbedder",
     "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder",
 })
 _extra_allowed_targets: set[str] = set()

@@ -343,3 +343,70 @@ def test_fine_tuning_starts_from_an_sd_file_and_keeps_its_schedule(sd_files, tmp
         assert torch.equal(value, state[key]), key
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert saved["model"]["unet"]["params"]["context_dim"] == 32  # the run says what it trains: the SD model
+
+
+# ------------------------------------------------------------------------------------------------ export
+
+
+def test_ours_to_sd_to_ours_is_bit_equal_and_diffusers_reads_the_sd_file(tmp_path):
+    from safetensors.torch import load_file
+
+    from ldm.assets import DEMO_CHECKPOINT
+    from scripts import convert_checkpoint
+
+    sd_path, yaml_path = convert_checkpoint.main(["--ckpt", DEMO_CHECKPOINT, "--to", "sd",
+                                                  "--out", str(tmp_path / "demo-sd.safetensors")])
+    assert yaml_path == str(tmp_path / "demo-sd.yaml")
+    sd_config = yaml.safe_load(open(yaml_path))
+    assert sd_config["model"]["target"] == "ldm.models.diffusion.ddpm.LatentDiffusion"
+    assert sd_config["model"]["params"]["parameterization"] == "v"
+    sd_state = load_file(sd_path)
+    original = LatentDiffusion.from_checkpoint(DEMO_CHECKPOINT)
+    own = original.state_dict()
+    # exactly what SD's LatentDiffusion holds: the weights plus its twelve schedule buffers, nothing else
+    assert set(sd_state) - set(own) == {"betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
+                                        "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod",
+                                        "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
+                                        "posterior_variance", "posterior_log_variance_clipped",
+                                        "posterior_mean_coef1", "posterior_mean_coef2"}
+    torch.testing.assert_close(sd_state["alphas_cumprod"].double(), original.schedule.alphas_cumprod.double(),
+                               rtol=1e-6, atol=0)
+
+    back = convert_checkpoint.main(["--ckpt", sd_path, "--config", yaml_path, "--to", "ours",
+                                    "--out", str(tmp_path / "back.safetensors")])[0]
+    again = LatentDiffusion.from_checkpoint(back)
+    assert again.parameterization == original.parameterization and again.scale_factor == original.scale_factor
+    assert again.state_dict().keys() == own.keys()
+    for key, value in again.state_dict().items():
+        assert torch.equal(value, own[key]), key
+    prompts = ["a red circle"]
+    torch.testing.assert_close(again.encode_text(prompts), original.encode_text(prompts), rtol=0, atol=0)
+
+    # an independent reader of SD files: diffusers builds the UNet from the file and its YAML
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_single_file(sd_path, original_config=yaml_path).eval()
+    x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([500])
+    context = original.encode_text(prompts)
+    with torch.no_grad():
+        torch.testing.assert_close(unet(x, t, encoder_hidden_states=context).sample,
+                                   original.model_fn(x, t, context), atol=1e-4, rtol=1e-4)
+
+
+def test_sd_to_ours_to_sd_keeps_every_weight(sd_files, tmp_path):
+    from safetensors.torch import load_file
+
+    from ldm.interop.export import convert_checkpoint
+
+    path, yaml_path, state = sd_files["v2-ckpt"]
+    ours = convert_checkpoint(path, "ours", tmp_path / "ours.safetensors", config=yaml_path)[0]
+    sd_path, back_yaml = convert_checkpoint(ours, "sd", tmp_path / "back.safetensors")
+    back = load_file(sd_path)
+    assert set(back) == {k for k in state if not k.startswith("model_ema.")}
+    for key, value in back.items():
+        if key in state and key.startswith(("model.", "first_stage_model.", "cond_stage_model.")):
+            assert torch.equal(value, state[key]), key
+        else:  # a schedule table: SD computes it in numpy, we in torch (float64 both, stored float32)
+            torch.testing.assert_close(value, state[key], rtol=1e-6, atol=0)
+    assert load_sd_config(back_yaml) == load_sd_config(yaml_path)

@@ -59,16 +59,19 @@ def _schedule(params: Mapping[str, Any], source: str) -> dict:
                 "params": {"kind": "scaled_linear", "num_timesteps": steps,
                            "beta_start": float(params.get("linear_start", SD_DEFAULTS["linear_start"])),
                            "beta_end": float(params.get("linear_end", SD_DEFAULTS["linear_end"]))}}
+    if kind == "sqrt_linear":  # SD's name for betas linear in beta: our linear
+        return {"target": "ldm.diffusion.NoiseSchedule",
+                "params": {"kind": "linear", "num_timesteps": steps,
+                           "beta_start": float(params.get("linear_start", SD_DEFAULTS["linear_start"])),
+                           "beta_end": float(params.get("linear_end", SD_DEFAULTS["linear_end"]))}}
     if kind == "cosine":
         if float(params.get("cosine_s", 8e-3)) != 8e-3:
             raise ConfigError(f"{source}: model.params.cosine_s other than 0.008 is not supported")
         return {"target": "ldm.diffusion.NoiseSchedule", "params": {"kind": "cosine", "num_timesteps": steps}}
-    raise ConfigError(f"{source}: model.params.beta_schedule {kind!r} is not supported (linear or cosine)")
+    raise ConfigError(f"{source}: model.params.beta_schedule {kind!r} is not supported (linear, sqrt_linear or cosine)")
 
 
 def _text_encoder(node: Any, source: str) -> dict:
-    from ldm.modules.encoders.modules import _open_clip
-
     target, params = _target(node, "model.params.cond_stage_config", source, (SD_OPENCLIP_TARGET, SD_CLIP_TARGET))
     layer = params.get("layer", "last")
     max_length = int(params.get("max_length", 77))
@@ -83,10 +86,9 @@ def _text_encoder(node: Any, source: str) -> dict:
         arch = SD_CLIP_VERSIONS[version]
         ours = "ldm.modules.encoders.modules.FrozenCLIPEmbedder"
     # model_config (ours, not SD's): an explicit open_clip config, for towers of other sizes (tests build tiny ones)
-    model_config = params.get("model_config") or _open_clip().get_model_config(arch)
+    model_config = params.get("model_config") or _open_clip_config(arch)
     if model_config is None:
         raise ConfigError(f"{source}: cond_stage_config.params.arch {arch!r} is not an open_clip architecture")
-    model_config = {k: v for k, v in model_config.items() if k != "vision_cfg"}
     return {"target": ours, "params": {"arch": arch, "version": None, "layer": layer, "max_length": max_length,
                                        "model_config": model_config}}
 
@@ -129,6 +131,70 @@ def sd_config_to_ours(config: Any, source: str | os.PathLike = "<config>") -> di
         "unet": {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel", "params": dict(unet)},
         "schedule": _schedule(params, source),
     }
+
+
+def ours_to_sd_config(config: Mapping[str, Any]) -> dict:
+    """SD's original inference config (``v2-inference.yaml`` layout) for one of our model configs: the inverse of
+    :func:`sd_config_to_ours`. ``ConfigError`` for what SD's code cannot express (a zero-terminal-SNR or explicit-beta
+    schedule, another text encoder class)."""
+    config = to_container(config)
+    schedule = dict(config["schedule"].get("params") or {})
+    kind = schedule.get("kind", "scaled_linear")
+    if schedule.get("rescale_zero_terminal_snr") or schedule.get("betas") is not None:
+        raise ConfigError("schedule: a zero-terminal-SNR or explicit-beta schedule has no Stable Diffusion equivalent")
+    params: dict[str, Any] = {"timesteps": int(schedule.get("num_timesteps", 1000))}
+    if kind == "cosine":
+        params["beta_schedule"] = "cosine"
+    else:
+        from ldm.diffusion.schedules import DEFAULT_BETA_ENDPOINTS
+
+        start, end = DEFAULT_BETA_ENDPOINTS[kind]
+        params.update(beta_schedule="linear" if kind == "scaled_linear" else "sqrt_linear",
+                      linear_start=float(schedule.get("beta_start") or start),
+                      linear_end=float(schedule.get("beta_end") or end))
+    unet = dict(config["unet"]["params"])
+    autoencoder = dict(config["autoencoder"]["params"])
+    factor = 2 ** (len(autoencoder["ddconfig"].get("ch_mult", [1, 2, 4, 4])) - 1)
+    text = config["text_encoder"]
+    text_params = dict(text.get("params") or {})
+    text_target = {"ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder": SD_OPENCLIP_TARGET,
+                   "ldm.modules.encoders.modules.FrozenCLIPEmbedder": SD_CLIP_TARGET}.get(text["target"])
+    if text_target is None:
+        raise ConfigError(f"text_encoder: {text['target']} has no Stable Diffusion equivalent")
+    cond_params = {"freeze": True, "layer": text_params.get("layer", "last")}
+    if text_target == SD_OPENCLIP_TARGET:
+        cond_params["arch"] = text_params.get("arch", "ViT-H-14")
+    if text_params.get("max_length", 77) != 77:
+        cond_params["max_length"] = int(text_params["max_length"])
+    standard = _open_clip_config(cond_params.get("arch", SD_CLIP_VERSIONS["openai/clip-vit-large-patch14"]))
+    if text_params.get("model_config") is not None and text_params["model_config"] != standard:
+        # ours, not SD's: a text tower of a size open_clip has no name for (SD's own code cannot build it)
+        cond_params["model_config"] = text_params["model_config"]
+    params.update(
+        parameterization=config.get("parameterization", "eps"),
+        scale_factor=float(config["scale_factor"]),
+        image_size=int(config.get("image_size", unet.get("image_size", 64) * factor)) // factor,
+        channels=int(unet.get("out_channels", 4)),
+        conditioning_key="hybrid" if config.get("inpainting") else "crossattn",
+        cond_stage_trainable=False,
+        use_ema=False,
+        unet_config={"target": SD_UNET_TARGET, "params": unet},
+        first_stage_config={"target": SD_AUTOENCODER_TARGET, "params": {
+            "embed_dim": int(autoencoder["embed_dim"]), "ddconfig": dict(autoencoder["ddconfig"]),
+            "lossconfig": {"target": "torch.nn.Identity"}}},
+        cond_stage_config={"target": text_target, "params": cond_params},
+    )
+    model_target = "ldm.models.diffusion.ddpm.LatentInpaintDiffusion" if config.get("inpainting") else \
+        "ldm.models.diffusion.ddpm.LatentDiffusion"
+    return {"model": {"target": model_target, "params": params}}
+
+
+def _open_clip_config(arch: str) -> dict | None:
+    """open_clip's config of a named architecture without its vision tower (what our text encoders are built from)."""
+    from ldm.modules.encoders.modules import _open_clip
+
+    config = _open_clip().get_model_config(arch)
+    return None if config is None else {k: v for k, v in config.items() if k != "vision_cfg"}
 
 
 def load_sd_config(path: str | os.PathLike) -> dict:

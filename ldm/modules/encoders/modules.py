@@ -379,7 +379,7 @@ class FrozenCLIPEmbedder(FrozenOpenCLIPEmbedder):
     ``encode(texts) -> [B, max_length, width]`` (width 768 for ViT-L/14).
     """
 
-    PAD_WITH_EOT = False
+    PAD_WITH_EOT = True
 
     def __init__(
         self,

@@ -1,0 +1,54 @@
+"""Convert a checkpoint between our one-file format and Stable Diffusion's original single file.
+
+    python scripts/convert_checkpoint.py --ckpt runs/x/model.safetensors --to sd --out sd-model.safetensors
+        # also writes sd-model.yaml: the original inference config SD's scripts (and A1111, ComfyUI) take
+    python scripts/convert_checkpoint.py --ckpt v2-1_768-ema-pruned.safetensors \\
+        --config configs/stable-diffusion/v2-inference-v.yaml --to ours --out sd21-768.safetensors
+
+Files are read by content (safetensors, or a torch checkpoint with ``weights_only=True`` only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+from ldm.interop.export import FORMATS, convert_checkpoint  # noqa: E402
+from ldm.util import add_allow_target_argument  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", required=True, help="our .safetensors or an original Stable Diffusion file")
+    parser.add_argument("--to", required=True, choices=FORMATS)
+    parser.add_argument("--out", required=True, help="the .safetensors to write (sd: a .yaml is written beside it)")
+    parser.add_argument("--config", default=None, help="a Stable Diffusion input's original inference YAML")
+    parser.add_argument("--parameterization", default=None, choices=["eps", "v", "x0"])
+    parser.add_argument("--use-ema", action="store_true", help="a Stable Diffusion input's model_ema weights")
+    parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                        help="cast the weights (default: as loaded, float32)")
+    add_allow_target_argument(parser)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> list[str]:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    written = convert_checkpoint(args.ckpt, args.to, args.out, config=args.config,
+                                 parameterization=args.parameterization, use_ema=args.use_ema or None,
+                                 dtype=getattr(torch, args.dtype) if args.dtype else None)
+    for path in written:
+        print(f"wrote {path}")
+    return written
+
+
+if __name__ == "__main__":
+    main()
