@@ -26,8 +26,15 @@ from benchmarks import diffusers_compat as dc  # noqa: E402
 TEXT_CFG = {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 3}
 
 
-def sd_yaml(parameterization="eps", in_channels=4, context_dim=32, cond=None, linear_end=0.012):
-    """An SD v2-style original inference config at reduced widths (the text tower's size given as model_config)."""
+def sd_yaml(parameterization="eps", in_channels=4, context_dim=32, cond=None, linear_end=0.012, v1=False):
+    """An SD v2-style (or v1-style) original inference config at reduced widths (the text tower's size given as
+    model_config)."""
+    if v1:  # OpenAI CLIP in Hugging Face's layout, 1x1-conv projections, a fixed head count
+        cond = {"target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder",
+                "params": {"model_config": {"embed_dim": 32, "quick_gelu": True, "text_cfg": TEXT_CFG}}}
+        heads = {"num_heads": 2, "use_linear_in_transformer": False}
+    else:
+        heads = {"num_head_channels": 16, "use_linear_in_transformer": True}
     cond = cond or {"target": "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder",
                     "params": {"freeze": True, "layer": "penultimate",
                                "model_config": {"embed_dim": 32, "text_cfg": TEXT_CFG}}}
@@ -41,9 +48,8 @@ def sd_yaml(parameterization="eps", in_channels=4, context_dim=32, cond=None, li
             "unet_config": {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel", "params": {
                 "use_checkpoint": True, "use_fp16": True, "image_size": 8, "in_channels": in_channels,
                 "out_channels": 4, "model_channels": 32, "attention_resolutions": [1, 2], "num_res_blocks": 1,
-                "channel_mult": [1, 2], "num_head_channels": 16, "use_spatial_transformer": True,
-                "use_linear_in_transformer": True, "transformer_depth": 1, "context_dim": context_dim,
-                "legacy": False}},
+                "channel_mult": [1, 2], "use_spatial_transformer": True, **heads,
+                "transformer_depth": 1, "context_dim": context_dim, "legacy": False}},
             "first_stage_config": {"target": "ldm.models.autoencoder.AutoencoderKL", "params": {
                 "embed_dim": 4, "monitor": "val/rec_loss",
                 "ddconfig": {"double_z": True, "z_channels": 4, "resolution": 16, "in_channels": 3, "out_ch": 3,
@@ -106,9 +112,11 @@ def sd_files(tmp_path_factory):
     root = tmp_path_factory.mktemp("sd")
     files = {}
     for name, parameterization, suffix in (("v2", "eps", "safetensors"), ("v2-ckpt", "eps", "ckpt"),
-                                           ("v2-v", "v", "safetensors")):
-        config = sd_yaml(parameterization)
+                                           ("v2-v", "v", "safetensors"), ("v1", "eps", "ckpt")):
+        config = sd_yaml(parameterization, v1=name == "v1")
         state = build_sd_state_dict(config, seed=len(files))
+        if name == "v1":  # some SD v1 files carry Hugging Face's position_ids buffer
+            state["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
         path = root / f"{name}.{suffix}"
         if suffix == "safetensors":
             save_file({k: v.contiguous() for k, v in state.items()}, str(path))
@@ -135,7 +143,23 @@ def sd_openclip_context(text_model, texts, layer="penultimate"):
 # ------------------------------------------------------------------------------------------------ loading
 
 
-@pytest.mark.parametrize("name", ["v2", "v2-ckpt", "v2-v"])
+def sd_clip_context(state, tokens):
+    """SD 1's FrozenCLIPEmbedder: transformers' CLIPTextModel with the file's weights, last hidden state."""
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=49408, hidden_size=32, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+        max_position_embeddings=77, hidden_act="quick_gelu")).eval()
+    prefix = "cond_stage_model.transformer.text_model."
+    nested = hasattr(hf, "text_model")  # transformers 4 nests text_model, 5 does not
+    missing, unexpected = hf.load_state_dict({("text_model." if nested else "") + k[len(prefix):]: v
+                                              for k, v in state.items()
+                                              if k.startswith(prefix) and not k.endswith("position_ids")},
+                                             strict=False)
+    assert not unexpected and all(k.endswith("position_ids") for k in missing)
+    return hf(input_ids=tokens).last_hidden_state
+
+
+@pytest.mark.parametrize("name", ["v2", "v2-ckpt", "v2-v", "v1"])
 def test_sd_file_computes_what_sd_and_diffusers_compute(sd_files, name):
     import open_clip
 
@@ -144,16 +168,20 @@ def test_sd_file_computes_what_sd_and_diffusers_compute(sd_files, name):
     model = LatentDiffusion.from_single_file(path, config=yaml_path)
     assert model.parameterization == ("v" if name == "v2-v" else "eps") and model.scale_factor == 0.18215
 
-    # text: SD's encoding on the raw open_clip tower holding the file's weights
-    clip = open_clip.CLIP(32, vision_cfg={"image_size": 8, "layers": 1, "width": 64, "patch_size": 8},
-                          text_cfg=TEXT_CFG)
-    del clip.visual
-    clip.load_state_dict({k[len("cond_stage_model.model."):]: v for k, v in state.items()
-                          if k.startswith("cond_stage_model.model.")}, strict=True)
     texts = ["a red circle", ""]
     with torch.no_grad():
-        expected = sd_openclip_context(clip.eval(), texts)
         context = model.encode_text(texts)
+        if name == "v1":  # transformers' CLIP text model with the file's Hugging Face-layout weights
+            tokens = model.cond_stage_model.tokenize(texts)
+            assert tokens[1, 2:].eq(49407).all()  # SD 1 pads with the end-of-text token
+            expected = sd_clip_context(state, tokens)
+        else:  # SD 2's encoding on the raw open_clip tower holding the file's weights
+            clip = open_clip.CLIP(32, vision_cfg={"image_size": 8, "layers": 1, "width": 64, "patch_size": 8},
+                                  text_cfg=TEXT_CFG)
+            del clip.visual
+            clip.load_state_dict({k[len("cond_stage_model.model."):]: v for k, v in state.items()
+                                  if k.startswith("cond_stage_model.model.")}, strict=True)
+            expected = sd_openclip_context(clip.eval(), texts)
     torch.testing.assert_close(context, expected, atol=1e-5, rtol=1e-5)
 
     # UNet and VAE: diffusers' modules made by diffusers' converters from the file's own state dict
