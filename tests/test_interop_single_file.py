@@ -231,6 +231,8 @@ def test_a_file_read_by_content_not_by_name(sd_files, tmp_path):
     renamed = tmp_path / "really-a-ckpt.safetensors"
     renamed.write_bytes(open(path, "rb").read())
     assert read_state_dict(renamed).keys() == state.keys()
+    key = "model.diffusion_model.out.2.weight"
+    assert torch.equal(LatentDiffusion.from_single_file(renamed, config=yaml_path).state_dict()[key], state[key])
     text = tmp_path / "notes.safetensors"
     text.write_text("these are my notes, not a model\n" * 10)
     with pytest.raises(CheckpointFormatError, match="notes.safetensors: not a model file"):

@@ -18,6 +18,7 @@ latter only with ``torch.load(weights_only=True)``. Without a config the variant
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -68,10 +69,13 @@ def _is_safetensors(path: str) -> bool:
     return 0 < size <= min(SAFETENSORS_MAX_HEADER, os.path.getsize(path) - 8) and head[8:9] == b"{"
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+def read_state_dict(path: str | os.PathLike, lazy: bool = False) -> Mapping[str, torch.Tensor]:
     """Every tensor in a checkpoint file, judged by its content: safetensors, or a ``torch.save`` archive read with
     ``weights_only=True`` (a Lightning/CompVis ``state_dict`` level is unwrapped). ``CheckpointFormatError`` naming
-    the file for anything else (a text file, a truncated download, a pickle that would run code)."""
+    the file for anything else (a text file, a truncated download, a pickle that would run code).
+
+    ``lazy``: a safetensors file comes back as a :class:`LazyStateDict` (tensors read when asked for); a torch
+    archive is memory-mapped."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -79,13 +83,17 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         try:
-            return load_file(path)
+            return LazyStateDict(path) if lazy else load_file(path)
         except Exception as error:  # a header that parses but a body cut short
             raise CheckpointFormatError(f"{path}: a damaged or truncated safetensors file ({error})") from None
     if zipfile.is_zipfile(path) or _looks_like_legacy_pickle(path):
         try:
-            with open(path, "rb") as handle:  # a file object: torch.load must not judge by the name either
-                payload = torch.load(handle, map_location="cpu", weights_only=True)
+            # mmap needs a file name, and torch.load takes a *.safetensors name for a safetensors file
+            if lazy and zipfile.is_zipfile(path) and not path.endswith(".safetensors"):
+                payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            else:
+                with open(path, "rb") as handle:  # a file object: torch.load must not judge by the name either
+                    payload = torch.load(handle, map_location="cpu", weights_only=True)
         except Exception as error:
             raise CheckpointFormatError(
                 f"{path}: torch.load(weights_only=True) refused it ({type(error).__name__}: {str(error)[:300]}); "
@@ -163,38 +171,88 @@ def ema_key(unet_key: str) -> str:
     return EMA_PREFIX + unet_key[len("model."):].replace(".", "")
 
 
-def select_weights(state_dict: Mapping[str, torch.Tensor], use_ema: bool | None, source: str) -> tuple[dict, bool]:
-    """The UNet/VAE/text weights to load: ``model_ema.*`` replaces the UNet weights when ``use_ema`` (``None``: when
-    the file has EMA weights for every UNet parameter and no separate ones), and is dropped otherwise."""
-    ema = {k: v for k, v in state_dict.items() if k.startswith(EMA_PREFIX) and k not in _DROPPED}
-    weights = {k: v for k, v in state_dict.items() if not k.startswith(EMA_PREFIX)}
-    unet_keys = [k for k in weights if k.startswith(UNET_PREFIX)]
-    if use_ema is None:
-        use_ema = False
+class _Selection(Mapping):
+    """The weights to load, as names into the file: ``{model key: file key}`` read lazily from ``source``."""
+
+    def __init__(self, source: Mapping[str, torch.Tensor], names: dict[str, str]):
+        self.source, self.names = source, names
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.source[self.names[key]]
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return _shape(self.source, self.names[key])
+
+
+def select_weights(state_dict: Mapping[str, torch.Tensor], use_ema: bool | None, source: str) -> tuple[Mapping, bool]:
+    """The UNet/VAE/text weights to load: SD's schedule tables and bookkeeping left out, ``model_ema.*`` in place of
+    the UNet weights when ``use_ema`` (and dropped otherwise). Nothing is read from the file here."""
+    names = {k: k for k in state_dict
+             if not k.startswith(EMA_PREFIX) and k not in _SCHEDULE_TABLES and k not in _DROPPED
+             and k != "scale_factor" and not k.endswith("embeddings.position_ids")}  # HF's index table, no weight
+    ema = {k for k in state_dict if k.startswith(EMA_PREFIX) and k not in _DROPPED}
+    use_ema = bool(use_ema)
     if use_ema:
         if not ema:
             raise CheckpointFormatError(f"{source}: --use-ema was asked for but the file holds no model_ema.* weights")
-        missing = [k for k in unet_keys if ema_key(k) not in ema and weights[k].is_floating_point()]
+        unet_keys = [k for k in names if k.startswith(UNET_PREFIX)]
+        missing = [k for k in unet_keys if ema_key(k) not in ema]
         if missing:
             raise CheckpointFormatError(f"{source}: model_ema.* lacks {len(missing)} UNet weight(s), e.g. "
                                         f"{ema_key(missing[0])}")
-        for key in unet_keys:
-            if ema_key(key) in ema:
-                weights[key] = ema[ema_key(key)]
-    return weights, use_ema
+        names.update({k: ema_key(k) for k in unet_keys})
+    return _Selection(state_dict, names), use_ema
+
+
+def _shape(state_dict: Mapping[str, torch.Tensor], key: str) -> tuple[int, ...]:
+    shape = getattr(state_dict, "shape", None)
+    return shape(key) if callable(shape) else tuple(state_dict[key].shape)
 
 
 def _head(items: list[str], n: int = 5) -> str:
     return ", ".join(items[:n]) + (f" (and {len(items) - n} more)" if len(items) > n else "")
 
 
+_INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
+                   "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_")
+
+
+@contextlib.contextmanager
+def skip_weight_init():
+    """Build modules without drawing their random initial weights (``torch.nn.init`` functions do nothing inside):
+    every weight is about to be overwritten by the checkpoint, and initialising a 1.3 B-parameter model costs more
+    than reading it. Buffers computed in ``__init__`` (schedule tables, attention masks) are unaffected."""
+    originals = {name: getattr(torch.nn.init, name) for name in _INIT_FUNCTIONS if hasattr(torch.nn.init, name)}
+    try:
+        for name in originals:
+            setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for name, fn in originals.items():
+            setattr(torch.nn.init, name, fn)
+
+
+def _chunk(key: str) -> str:
+    # the unit loaded at once: the text encoder whole (its load hooks may need all of it), else 4 key levels
+    return "cond_stage_model" if key.startswith("cond_stage_model.") else ".".join(key.split(".")[:4])
+
+
 def load_sd_weights(model, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
-    """Strictly load SD-layout weights into ``model``; one error naming the first keys and shapes that differ."""
+    """Strictly load SD-layout weights into ``model``; one error naming the first keys and shapes that differ.
+
+    After the whole key set is checked, weights are copied in chunks (a UNet block, an encoder level, ...), so a
+    lazily read file (:class:`LazyStateDict`) never holds more than one chunk in memory beside the model."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
-    mismatched = [f"{k} (file {tuple(state_dict[k].shape)}, config {tuple(own[k].shape)})"
-                  for k in sorted(set(own) & set(state_dict)) if state_dict[k].shape != own[k].shape]
+    mismatched = [f"{k} (file {_shape(state_dict, k)}, config {tuple(own[k].shape)})"
+                  for k in sorted(set(own) & set(state_dict)) if _shape(state_dict, k) != tuple(own[k].shape)]
     if missing or unexpected or mismatched:
         parts = []
         if mismatched:
@@ -205,8 +263,38 @@ def load_sd_weights(model, state_dict: Mapping[str, torch.Tensor], source: str) 
             parts.append(f"{len(unexpected)} weight(s) the config has no place for: {_head(unexpected)}")
         raise CheckpointFormatError(f"{source} does not fit its config (another variant or size? a LoRA?): "
                                     + "; ".join(parts))
+    chunks: dict[str, list[str]] = {}
+    for key in own:
+        chunks.setdefault(_chunk(key), []).append(key)
     with torch.no_grad():
-        model.load_state_dict({k: v.to(own[k].dtype) for k, v in state_dict.items()}, strict=True)
+        for keys in chunks.values():
+            model.load_state_dict({k: state_dict[k].to(own[k].dtype) for k in keys}, strict=False)
+
+
+class LazyStateDict(Mapping):
+    """A ``.safetensors`` file as a read-only mapping that reads a tensor when it is asked for (``shape`` without
+    reading it): a 5 GB checkpoint is never in memory twice."""
+
+    def __init__(self, path: str):
+        from safetensors import safe_open
+
+        self.path = path
+        self._file = safe_open(path, framework="pt")
+        self._keys = list(self._file.keys())
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._keys:
+            raise KeyError(key)
+        return self._file.get_tensor(key)
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._file.get_slice(key).get_shape())
 
 
 # --------------------------------------------------------------------------------------------- the whole model
@@ -231,7 +319,7 @@ def load_single_file(
     from ldm.models.latent_diffusion import LatentDiffusion
 
     source = os.fspath(path)
-    state_dict = read_state_dict(source)
+    state_dict = read_state_dict(source, lazy=True)
     if config is None:
         variant = infer_variant(state_dict)
         ours = load_sd_config(stock_config_path(variant))
@@ -254,13 +342,10 @@ def load_single_file(
         raise CheckpointFormatError(f"{source}: scale_factor {ours['scale_factor']} is not a positive number")
     ours.setdefault("sampler_defaults", {})
 
-    model = LatentDiffusion.from_config(ours)
+    with skip_weight_init():
+        model = LatentDiffusion.from_config(ours)
     check_schedule_tables(state_dict, model.schedule, source)
     weights, used_ema = select_weights(state_dict, use_ema, source)
-    weights = {k: v for k, v in weights.items()
-               if k not in _SCHEDULE_TABLES and k not in _DROPPED and k != "scale_factor"}
-    # SD v1 files may carry HF's position_ids buffer (an index table, not a weight)
-    weights = {k: v for k, v in weights.items() if not k.endswith("embeddings.position_ids")}
     load_sd_weights(model, weights, source)
     log.info("loaded %s (%s, %s-prediction%s)", source, "inpainting" if ours.get("inpainting") else "txt2img",
              model.parameterization, ", EMA weights" if used_ema else "")
