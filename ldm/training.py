@@ -439,8 +439,10 @@ class FinalCheckpoint(Callback):
             return
         if step % self.every == 0 and (self.dirpath / f"step{step:06d}.ckpt").is_file():
             return
-        trainer.save_checkpoint(self.dirpath / f"step{step:06d}.ckpt")
-        trainer.save_checkpoint(self.dirpath / "last.ckpt")
+        # weights_only=False: the whole training state (optimizers, loops), as ModelCheckpoint writes it; saying so
+        # also keeps Lightning from logging that it "defaulted" (which reads like an unpickling warning)
+        trainer.save_checkpoint(self.dirpath / f"step{step:06d}.ckpt", weights_only=False)
+        trainer.save_checkpoint(self.dirpath / "last.ckpt", weights_only=False)
 
 
 def build_trainer(

@@ -189,6 +189,9 @@ class _Selection(Mapping):
     def shape(self, key: str) -> tuple[int, ...]:
         return _shape(self.source, self.names[key])
 
+    def release(self) -> None:
+        getattr(self.source, "release", lambda: None)()
+
 
 def select_weights(state_dict: Mapping[str, torch.Tensor], use_ema: bool | None, source: str) -> tuple[Mapping, bool]:
     """The UNet/VAE/text weights to load: SD's schedule tables and bookkeeping left out, ``model_ema.*`` in place of
@@ -239,8 +242,11 @@ def skip_weight_init():
 
 
 def _chunk(key: str) -> str:
-    # the unit loaded at once: the text encoder whole (its load hooks may need all of it), else 4 key levels
-    return "cond_stage_model" if key.startswith("cond_stage_model.") else ".".join(key.split(".")[:4])
+    """The submodule loaded at once: the text encoder whole (its load hooks may need all of it), else the module
+    the key belongs to, at most 4 levels down (a UNet block, an encoder level)."""
+    if key.startswith("cond_stage_model."):
+        return "cond_stage_model"
+    return ".".join(key.split(".")[:-1][:4])
 
 
 def load_sd_weights(model, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
@@ -267,8 +273,14 @@ def load_sd_weights(model, state_dict: Mapping[str, torch.Tensor], source: str) 
     for key in own:
         chunks.setdefault(_chunk(key), []).append(key)
     with torch.no_grad():
-        for keys in chunks.values():
-            model.load_state_dict({k: state_dict[k].to(own[k].dtype) for k in keys}, strict=False)
+        for prefix, keys in chunks.items():
+            # into the submodule itself: load_state_dict walks every module below the one it is called on
+            part = model.get_submodule(prefix) if prefix else model
+            start = len(prefix) + 1 if prefix else 0
+            result = part.load_state_dict({k[start:]: state_dict[k].to(own[k].dtype) for k in keys}, strict=False)
+            if result.unexpected_keys:  # cannot happen after the check above, unless a module renames its keys
+                raise CheckpointFormatError(f"{source}: {prefix} did not take {result.unexpected_keys[:3]}")
+            getattr(state_dict, "release", lambda: None)()
 
 
 class LazyStateDict(Mapping):
@@ -276,16 +288,26 @@ class LazyStateDict(Mapping):
     reading it): a 5 GB checkpoint is never in memory twice."""
 
     def __init__(self, path: str):
+        self.path = path
+        self._file = None
+        self._keys = list(self._open().keys())
+
+    def _open(self):
         from safetensors import safe_open
 
-        self.path = path
-        self._file = safe_open(path, framework="pt")
-        self._keys = list(self._file.keys())
+        if self._file is None:
+            self._file = safe_open(self.path, framework="pt")
+        return self._file
+
+    def release(self) -> None:
+        """Unmap the file: pages read so far stop counting as this process's memory (they would otherwise add the
+        whole file on top of the model by the end of a load)."""
+        self._file = None
 
     def __getitem__(self, key: str) -> torch.Tensor:
         if key not in self._keys:
             raise KeyError(key)
-        return self._file.get_tensor(key)
+        return self._open().get_tensor(key)
 
     def __iter__(self):
         return iter(self._keys)
@@ -294,7 +316,7 @@ class LazyStateDict(Mapping):
         return len(self._keys)
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._file.get_slice(key).get_shape())
+        return tuple(self._open().get_slice(key).get_shape())
 
 
 # --------------------------------------------------------------------------------------------- the whole model
