@@ -1,9 +1,12 @@
-"""Convert a checkpoint between our one-file format and Stable Diffusion's original single file.
+"""Convert a checkpoint between our one-file format, Stable Diffusion's original single file and diffusers folders.
 
     python scripts/convert_checkpoint.py --ckpt runs/x/model.safetensors --to sd --out sd-model.safetensors
         # also writes sd-model.yaml: the original inference config SD's scripts (and A1111, ComfyUI) take
     python scripts/convert_checkpoint.py --ckpt v2-1_768-ema-pruned.safetensors \\
         --config configs/stable-diffusion/v2-inference-v.yaml --to ours --out sd21-768.safetensors
+    python scripts/convert_checkpoint.py --ckpt runs/x/model.safetensors --to diffusers --out my-model-diffusers
+        # a folder StableDiffusionPipeline.from_pretrained loads (needs: pip install -e ".[diffusers]")
+    python scripts/convert_checkpoint.py --ckpt my-model-diffusers --to ours --out back.safetensors
 
 Files are read by content (safetensors, or a torch checkpoint with ``weights_only=True`` only).
 """
@@ -27,9 +30,11 @@ from ldm.util import add_allow_target_argument  # noqa: E402
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt", required=True, help="our .safetensors or an original Stable Diffusion file")
+    parser.add_argument("--ckpt", required=True,
+                        help="our .safetensors, an original Stable Diffusion file or a diffusers folder")
     parser.add_argument("--to", required=True, choices=FORMATS)
-    parser.add_argument("--out", required=True, help="the .safetensors to write (sd: a .yaml is written beside it)")
+    parser.add_argument("--out", required=True, help="the .safetensors to write (sd: a .yaml is written beside it; "
+                        "diffusers: a new folder)")
     parser.add_argument("--config", default=None, help="a Stable Diffusion input's original inference YAML")
     parser.add_argument("--parameterization", default=None, choices=["eps", "v", "x0"])
     parser.add_argument("--use-ema", action="store_true", help="a Stable Diffusion input's model_ema weights")

@@ -2,11 +2,10 @@
 
 The references are built here without any download: a tiny random ``CLIPTextModel`` (quick GELU, like OpenAI's
 ViT-L/14) and a ``CLIPTokenizer`` whose vocab.json / merges.txt are written from the BPE file that open_clip
-ships (the same OpenAI vocabulary Hugging Face's files hold).
+ships (the same OpenAI vocabulary Hugging Face's files hold; :func:`ldm.interop.diffusers.write_clip_tokenizer_files`).
 """
 
 import copy
-import gzip
 import json
 
 import pytest
@@ -77,19 +76,13 @@ def hf_model():
 
 @pytest.fixture(scope="module")
 def hf_tokenizer(tmp_path_factory):
-    """transformers' CLIPTokenizer on vocab.json + merges.txt written from open_clip's bundled BPE file, the way
-    OpenAI's tokenizer builds its vocabulary: 256 byte symbols, the same with ``</w>``, one entry per merge, then
-    the two special tokens (Hugging Face spells them ``<|startoftext|>`` / ``<|endoftext|>``)."""
-    from open_clip.tokenizer import bytes_to_unicode, default_bpe
+    """transformers' CLIPTokenizer on vocab.json + merges.txt written from open_clip's bundled BPE file
+    (:func:`ldm.interop.diffusers.write_clip_tokenizer_files`, the way OpenAI's tokenizer builds its vocabulary)."""
+    from ldm.interop.diffusers import write_clip_tokenizer_files
 
     folder = tmp_path_factory.mktemp("clip-tokenizer")
-    merges = gzip.open(default_bpe()).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
-    symbols = list(bytes_to_unicode().values())
-    vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    assert len(vocab) == 49408
-    (folder / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(vocab)}), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    write_clip_tokenizer_files(folder)
+    assert len(json.loads((folder / "vocab.json").read_text(encoding="utf-8"))) == 49408
     tokenizer = transformers.CLIPTokenizer.from_pretrained(str(folder))
     assert tokenizer.pad_token_id == EOT  # as openai/clip-vit-large-patch14's tokenizer
     return tokenizer

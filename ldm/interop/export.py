@@ -1,4 +1,5 @@
-"""Our models out, in the formats others load: Stable Diffusion's single file (+ its original-format YAML) and ours.
+"""Our models out, in the formats others load: Stable Diffusion's single file (+ its original-format YAML), a
+diffusers folder (:mod:`ldm.interop.diffusers`, needs the ``diffusers`` extra) and ours.
 
 An SD single file is our state dict (the key layout is SD's already) plus the schedule tables SD's ``DDPM``
 registers as buffers, computed from our schedule in float32 as SD stores them, so SD's own code loads it with
@@ -19,7 +20,7 @@ from ldm.checkpoint import atomic_write
 from ldm.interop.sd_config import ours_to_sd_config
 from ldm.interop.single_file import _SCHEDULE_TABLES
 
-FORMATS = ("sd", "ours")
+FORMATS = ("sd", "ours", "diffusers")
 
 
 def sd_schedule_tables(schedule) -> dict[str, torch.Tensor]:
@@ -69,16 +70,42 @@ def convert_checkpoint(
     use_ema: bool | None = None,
     dtype: torch.dtype | None = None,
 ) -> list[str]:
-    """Convert ``source`` (our file or an original SD file, with its SD ``config``) to ``to`` (``sd`` or ``ours``);
-    returns the written paths."""
+    """Convert ``source`` (our file, an original SD file with its SD ``config``, or a diffusers folder) to ``to``
+    (``sd``, ``ours`` or ``diffusers``: a new folder ``out``); returns the written paths."""
     from ldm.interop import load_model
 
     if to not in FORMATS:
         raise ValueError(f"--to must be one of {', '.join(FORMATS)}, got {to!r}")
-    model = load_model(source, config=config, parameterization=parameterization, use_ema=use_ema)
+    if to == "diffusers":  # before loading anything: a missing extra is the first thing to say
+        from ldm.interop.diffusers import require_diffusers
+
+        require_diffusers("--to diffusers")
+    if os.path.isdir(source):
+        model = _load_diffusers_folder(source, config, parameterization, use_ema)
+    else:
+        model = load_model(source, config=config, parameterization=parameterization, use_ema=use_ema)
     if to == "sd":
         return list(save_sd(model, out, dtype))
+    if to == "diffusers":
+        from ldm.interop.diffusers import save_diffusers
+
+        return save_diffusers(model, out, dtype)
     if Path(out).suffix != ".safetensors":
         raise ValueError(f"--out {out}: our format is a .safetensors file")
     model.save(out, dtype=dtype)
     return [os.fspath(out)]
+
+
+def _load_diffusers_folder(source, config, parameterization, use_ema):
+    from ldm.interop.diffusers import is_diffusers_folder, load_diffusers
+
+    if not is_diffusers_folder(source):
+        raise ValueError(f"--ckpt {source}: a folder, but not a diffusers pipeline (no model_index.json)")
+    if config is not None or use_ema:
+        raise ValueError(f"--ckpt {source}: a diffusers folder carries its own configs and no EMA copy; "
+                         "--config / --use-ema are for Stable Diffusion files")
+    model = load_diffusers(source)
+    if parameterization is not None and parameterization != model.parameterization:
+        raise ValueError(f"{source} is a {model.parameterization}-prediction model (its scheduler says so); "
+                         f"--parameterization {parameterization} contradicts it")
+    return model
