@@ -38,7 +38,7 @@ from ldm.run_folder import (  # noqa: F401  (the run-folder API has always been 
     prepare_run_dir,
     save_run_config,
 )
-from ldm.util import ConfigError, instantiate_from_config, to_container
+from ldm.util import ConfigError, check_keys, instantiate_from_config, to_container
 
 PRECISIONS = ("32-true", "bf16-mixed")
 log = logging.getLogger(__name__)
@@ -97,9 +97,7 @@ def lightning_settings(node: Any, **defaults: Any) -> dict[str, Any]:
     node = to_container(node) or {}
     if not isinstance(node, Mapping):
         raise ConfigError(f"lightning: expected a mapping, got {type(node).__name__}")
-    unknown = sorted(set(node) - set(LIGHTNING_KEYS))
-    if unknown:
-        raise ConfigError(f"lightning: unknown key(s) {unknown}; known: {sorted(LIGHTNING_KEYS)}")
+    check_keys(node, LIGHTNING_KEYS, "lightning")
     settings = {}
     for key, (kind, default) in LIGHTNING_KEYS.items():
         value = node[key] if key in node else defaults.get(key, default)
@@ -607,7 +605,9 @@ def build_dataloader(
     if len(dataset) == 0:
         raise ValueError(f"{path}: the dataset is empty")
     if drop_last and len(dataset) < batch_size:
-        raise ValueError(f"{path}: {len(dataset)} samples are fewer than one batch of {batch_size}")
+        where = path.rsplit(".", 1)[0]
+        raise ValueError(f"{path}: {len(dataset)} samples are fewer than one batch of {batch_size}; set a smaller "
+                         f"batch, e.g. {where}.batch_size={max(1, len(dataset))} on the command line")
     seed = 0 if seed is None else int(seed)
     return torch.utils.data.DataLoader(
         dataset,
@@ -620,13 +620,20 @@ def build_dataloader(
     )
 
 
+DATA_KEYS = ("batch_size", "val_batch_size", "num_workers", "train", "validation")
+
+
 def _data_node(data_config: Any) -> tuple[dict, str]:
     """Accept CompVis' ``data: {params: {batch_size, train, validation}}`` and the flat ``data: {batch_size, train, ...}``."""
     data = to_container(data_config) or {}
     if not isinstance(data, Mapping):
         raise ValueError(f"data: expected a mapping, got {type(data).__name__}")
     if "params" in data and isinstance(data["params"], Mapping):
+        # CompVis' layout names its (own) data module class beside the params; ours builds the loaders itself
+        check_keys(data, ("params", "target"), "data")
+        check_keys(data["params"], DATA_KEYS, "data.params")
         return dict(data["params"]), "data.params"
+    check_keys(data, DATA_KEYS, "data")
     return dict(data), "data"
 
 

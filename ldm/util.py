@@ -18,6 +18,7 @@ metadata, a run folder's ``config.yaml``, a Stable Diffusion YAML) goes through 
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import inspect
 import os
@@ -153,6 +154,20 @@ def get_obj_from_str(target: str, path: str = "target") -> Any:
     return getattr(module, attr)
 
 
+def check_keys(node: Mapping[str, Any], known: Iterable[str], where: str) -> None:
+    """``ConfigError`` for keys of ``node`` that nothing reads, each with the nearest known key (a typo such as
+    ``precison`` is otherwise ignored without a word)."""
+    known = sorted(known)
+    unknown = sorted(set(node) - set(known))
+    if not unknown:
+        return
+    described = []
+    for key in unknown:
+        near = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
+        described.append(f"{where}.{key}" + (f" (did you mean {where}.{near[0]}?)" if near else ""))
+    raise ConfigError(f"unknown config key(s): {', '.join(described)}; {where} takes: {', '.join(known)}")
+
+
 def _check_params(factory: Any, params: Mapping[str, Any], path: str, target: str) -> None:
     try:
         signature = inspect.signature(factory)
@@ -161,12 +176,8 @@ def _check_params(factory: Any, params: Mapping[str, Any], path: str, target: st
     parameters = signature.parameters.values()
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
         return
-    accepted = {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-    unknown = sorted(set(params) - accepted)
-    if unknown:
-        raise ConfigError(
-            f"{path}.params: unknown parameter(s) {unknown} for {target}; accepted: {sorted(accepted)}"
-        )
+    accepted = {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - {"self"}
+    check_keys(params, accepted, f"{path}.params")
     missing = [
         p.name
         for p in parameters
@@ -206,9 +217,7 @@ def instantiate_from_config(config: Mapping[str, Any] | DictConfig, path: str = 
     config = to_container(config)
     if not isinstance(config, Mapping):
         raise ConfigError(f"{path}: expected a mapping with 'target' and 'params', got {type(config).__name__}")
-    unknown_keys = sorted(set(config) - {"target", "params"})
-    if unknown_keys:
-        raise ConfigError(f"{path}: unknown key(s) {unknown_keys}; a node has only 'target' and 'params'")
+    check_keys(config, ("target", "params"), path)
     if "target" not in config:
         raise ConfigError(f"{path}: no 'target' key (keys present: {sorted(config)})")
     target = config["target"]

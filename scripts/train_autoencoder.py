@@ -45,7 +45,13 @@ from ldm.training import (  # noqa: E402
     steps_summary,
     trainer_from_settings,
 )
-from ldm.util import add_allow_target_argument, instantiate_from_config, load_config, to_container  # noqa: E402
+from ldm.util import (  # noqa: E402
+    add_allow_target_argument,
+    check_keys,
+    instantiate_from_config,
+    load_config,
+    to_container,
+)
 
 log = logging.getLogger("train_autoencoder")
 WEIGHTS_NAME = "autoencoder.safetensors"
@@ -137,6 +143,8 @@ def main(argv=None) -> str:
         raise SystemExit("error: --config is required (or --resume a run folder that has config.yaml)")
     # the run folder's own config.yaml is a file someone else may have written; a --config is the user's
     config = load_config(args.config, overrides=args.overrides, trusted=not config_from_run)
+    check_keys(config, ("model", "data", "lightning"), "config")
+    check_keys(config.model, ("target", "params", "base_learning_rate"), "model")
     for section in ("model", "data"):
         if section not in config:
             raise SystemExit(f"error: {args.config} has no '{section}' section")
@@ -158,7 +166,8 @@ def main(argv=None) -> str:
 
     pl.seed_everything(seed, workers=True, verbose=False)
     try:
-        module = instantiate_from_config(config.model, path="model")
+        module = instantiate_from_config({"target": config.model.target, "params": config.model.get("params")},
+                                         path="model")
     except PerceptualWeightsUnavailable as error:
         raise SystemExit(f"error: {error}") from None
     train_loader, val_loader = build_dataloaders(config.data, seed=seed)

@@ -37,7 +37,14 @@ from ldm.training import (  # noqa: E402
     lightning_settings,
     trainer_from_settings,
 )
-from ldm.util import ConfigError, add_allow_target_argument, instantiate_from_config, load_config, to_container  # noqa: E402
+from ldm.util import (  # noqa: E402
+    ConfigError,
+    add_allow_target_argument,
+    check_keys,
+    instantiate_from_config,
+    load_config,
+    to_container,
+)
 
 log = logging.getLogger("train_diffusion")
 TOP_LEVEL_KEYS = {"model", "trainer", "data", "lightning"}
@@ -70,9 +77,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def check_config(config) -> None:
-    unknown = sorted(set(config) - TOP_LEVEL_KEYS)
-    if unknown:
-        raise ConfigError(f"unknown top-level config key(s) {unknown}; expected {sorted(TOP_LEVEL_KEYS)}")
+    check_keys(config, TOP_LEVEL_KEYS, "config")
     for key in ("trainer", "data"):
         if key not in config:
             raise ConfigError(f"config has no '{key}' section")

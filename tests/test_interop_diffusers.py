@@ -138,6 +138,11 @@ def test_the_folder_is_a_stable_diffusion_pipeline(exported, name):
     assert text["projection_dim"] == params["model_config"]["embed_dim"]
     tokenizer = json.load(open(os.path.join(folder, "tokenizer", "tokenizer_config.json")))
     assert tokenizer["pad_token"] == ("<|endoftext|>" if sd1 else "!") and tokenizer["model_max_length"] == 77
+    # as published SD folders have them (older transformers read these): text_model.* keys, vocab.json / merges.txt
+    text_weights = load_file(os.path.join(folder, "text_encoder", "model.safetensors"))
+    assert all(k.startswith("text_model.") for k in text_weights)
+    assert len(json.load(open(os.path.join(folder, "tokenizer", "vocab.json"), encoding="utf-8"))) == 49408
+    assert os.path.isfile(os.path.join(folder, "tokenizer", "merges.txt"))
 
     scheduler = json.load(open(os.path.join(folder, "scheduler", "scheduler_config.json")))
     assert scheduler["prediction_type"] == {"eps": "epsilon", "v": "v_prediction"}[model.parameterization]
@@ -249,7 +254,8 @@ def test_a_folder_without_our_files_loads_as_an_equivalent_model(exported, tmp_p
     scheduler.update(_class_name="EulerDiscreteScheduler", timestep_spacing="trailing", prediction_type="epsilon")
     config_path.write_text(json.dumps(scheduler))
     config = ldm_diffusers.config_from_diffusers(swapped)
-    assert config["parameterization"] == "eps" and config["sampler_defaults"] == {"ddim": {"timestep_spacing": "trailing"}}
+    assert config["parameterization"] == "eps"
+    assert config["sampler_defaults"] == {"ddim": {"timestep_spacing": "trailing"}}
     assert config["text_encoder"] == original.config["text_encoder"]  # the other parts still match: ours kept
 
 

@@ -316,7 +316,7 @@ def test_wrong_types_name_the_key(tmp_path, autoencoder_file):
 
     with pytest.raises(ConfigError, match=r"lightning.max_steps: expected a whole number, got 'ten'"):
         lightning_settings({"max_steps": "ten"})
-    with pytest.raises(ConfigError, match=r"lightning: unknown key\(s\) \['max_step'\]"):
+    with pytest.raises(ConfigError, match=r"lightning.max_step \(did you mean lightning.max_steps\?\)"):
         lightning_settings({"max_step": 3})
     assert lightning_settings({"val_every": 0, "limit_val_batches": 1})["val_every"] is None
     run = tmp_path / "run"
@@ -336,3 +336,43 @@ def test_make_demo_into_an_earlier_demo_says_how_to_start_again(tmp_path):
     (tmp_path / "autoencoder" / "checkpoints" / "last.ckpt").write_bytes(b"x")
     with pytest.raises(SystemExit, match="earlier demo run.*make clean-demo"):
         demo.main(["--out", str(tmp_path)])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("lightning.precison=32-true", r"lightning.precison \(did you mean lightning.precision\?\)"),
+    ("data.batch_sise=8", r"data.batch_sise \(did you mean data.batch_size\?\)"),
+    ("trainer.params.learning_rat=1e-4", r"trainer.params.learning_rat \(did you mean trainer.params.learning_rate\?\)"),
+    ("model.unet.params.model_chanels=8", r"unet.params.model_chanels \(did you mean unet.params.model_channels\?\)"),
+    ("model.sampler_default=1", r"model.sampler_default \(did you mean model.sampler_defaults\?\)"),
+    ("data.train.params.num_sample=3", r"train.params.num_sample \(did you mean .*num_samples\?\)"),
+    ("lightnin.max_steps=3", r"config.lightnin \(did you mean config.lightning\?\)"),
+])
+def test_every_config_key_is_checked_with_the_nearest_valid_one(tmp_path, autoencoder_file, override, message):
+    """Typos in any section, given in the file or as a dotlist override, stop the run before any work."""
+    from scripts import train_diffusion
+
+    run = tmp_path / "run"
+    with pytest.raises(ConfigError, match=message):
+        train_diffusion.main(["--config", TINY_DIFFUSION_CONFIG, "--autoencoder", autoencoder_file, "--run-dir",
+                              str(run), override])
+    assert not run.exists()
+
+
+def test_autoencoder_config_keys_are_checked_too(tmp_path):
+    from scripts import train_autoencoder
+
+    with pytest.raises(ConfigError, match=r"data.params.batch_sise \(did you mean data.params.batch_size\?\)"):
+        train_autoencoder.main(["--config", TINY_AUTOENCODER_CONFIG, "--run-dir", str(tmp_path / "run"),
+                                "data.params.batch_sise=8"])
+    with pytest.raises(ConfigError, match=r"model.base_learning_rat\b"):
+        train_autoencoder.main(["--config", TINY_AUTOENCODER_CONFIG, "--run-dir", str(tmp_path / "run"),
+                                "model.base_learning_rat=1e-4"])
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_data_folder_smaller_than_a_batch_says_how_to_fix_it(tmp_path, autoencoder_file):
+    from scripts import train_diffusion
+
+    with pytest.raises(ValueError, match=r"16 samples are fewer than one batch of 64.*data.batch_size=16"):
+        train_diffusion.main(["--config", TINY_DIFFUSION_CONFIG, "--autoencoder", autoencoder_file, "--run-dir",
+                              str(tmp_path / "run"), "data.batch_size=64"])

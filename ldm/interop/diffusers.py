@@ -369,7 +369,8 @@ def ddim_scheduler_config(schedule_params: Mapping[str, Any], parameterization: 
     ``ddim_defaults``: our ``DDIMSampler`` keywords (``timestep_spacing``, default ``leading``; ``steps_offset``,
     default 1, used by ``leading`` only; ``set_alpha_to_one``; ``clip_denoised``); ``eta`` and ``num_steps`` are
     call arguments in diffusers, not scheduler config. (``StableDiffusionPipeline`` itself resets
-    ``steps_offset`` to 1 and ``clip_sample`` to False: :func:`to_diffusers_pipeline` warns when that changes ours.) diffusers' DDIM steps from ``t`` to ``t - T // n``, which is
+    ``steps_offset`` to 1 and ``clip_sample`` to False: :func:`to_diffusers_pipeline` warns when that changes
+    ours.) diffusers' DDIM steps from ``t`` to ``t - T // n``, which is
     ours (the next timestep of the list) for ``leading`` spacing, and for ``trailing`` when ``n`` divides ``T``.
     """
     s = dict(to_container(dict(schedule_params)))
@@ -723,7 +724,8 @@ def _part_configs(config: Mapping[str, Any]) -> dict:
         "text_encoder": diffusers_text_encoder_config(config["text_encoder"]),
         "tokenizer": {"pad_token": EOT_TOKEN if target == CLIP_TARGET else "!",
                       "model_max_length": int(text_params.get("max_length", 77))},
-        "scheduler": ddim_scheduler_config(config["schedule"].get("params") or {}, config.get("parameterization", "eps"),
+        "scheduler": ddim_scheduler_config(config["schedule"].get("params") or {},
+                                           config.get("parameterization", "eps"),
                                            (config.get("sampler_defaults") or {}).get("ddim")),
     }
 
@@ -796,6 +798,7 @@ def save_diffusers(model, out: str | os.PathLike, dtype: Optional[torch.dtype] =
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         pipeline.save_pretrained(tmp, safe_serialization=True)
+        _portable_text_encoder_files(tmp)
         ldm = {"format": "latent-diffusion-lab", "note": "our model config; diffusers ignores this file",
                "config": {**to_container(model.config), "scale_factor": model.scale_factor,
                           "parameterization": model.parameterization, "sampler_defaults": model.sampler_defaults}}
@@ -811,6 +814,22 @@ def save_diffusers(model, out: str | os.PathLike, dtype: Optional[torch.dtype] =
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return [str(out)]
+
+
+def _portable_text_encoder_files(folder: Path) -> None:
+    """What published SD folders hold, so that older transformers read the folder too: the text encoder's weights
+    under ``text_model.*`` (transformers >= 5.6 writes them without that level, and reads both), and the tokenizer's
+    ``vocab.json`` / ``merges.txt`` beside ``tokenizer.json`` (transformers 4's slow ``CLIPTokenizer`` reads those)."""
+    from safetensors.torch import load_file, save_file
+
+    weights = folder / "text_encoder" / "model.safetensors"
+    if weights.is_file():
+        state = load_file(str(weights))
+        if not any(k.startswith("text_model.") for k in state):
+            save_file({"text_model." + k: v for k, v in state.items()}, str(weights), metadata={"format": "pt"})
+    tokenizer = folder / "tokenizer"
+    if not (tokenizer / "vocab.json").exists():
+        write_clip_tokenizer_files(tokenizer)
 
 
 # ================================================================================================ import
@@ -1090,9 +1109,11 @@ def config_from_diffusers(folder: str | os.PathLike) -> dict:
                              {"target": "autoencoder.AutoencoderKL", "params": vae_params_from_diffusers(f["vae"])})
     config["scale_factor"] = float(f["vae"].get("scaling_factor", 0.18215))
     # text encoder + tokenizer
+    # (a penultimate tower needs its last block from our extras: without them, the equivalent tower is derived)
     text_same = stored is not None and all(
         ours_parts["text_encoder"][k] == f["text_encoder"].get(k) for k in _TEXT_KEYS) and \
-        ours_parts["tokenizer"] == tokenizer
+        ours_parts["tokenizer"] == tokenizer and \
+        all(any(k.startswith(prefix) for k in f["extra"]) for prefix in _dropped_text_prefixes(stored["text_encoder"]))
     config["text_encoder"] = (stored["text_encoder"] if text_same else
                               text_node_from_diffusers(f["text_encoder"], tokenizer["pad_token"], max_length,
                                                        f["extra"]))

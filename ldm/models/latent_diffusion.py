@@ -18,9 +18,11 @@ from torch import nn
 
 from ldm.checkpoint import load_config_from_checkpoint, load_into, load_state_dict, save_safetensors
 from ldm.diffusion import NoiseSchedule, build_sampler, classifier_free_guidance
-from ldm.util import ConfigError, instantiate_from_config, to_container
+from ldm.util import ConfigError, check_keys, instantiate_from_config, to_container
 
 CONFIG_KEYS = ("autoencoder", "text_encoder", "unet", "schedule")
+# the rest a model config may hold (image_size: the pixel size it was trained at; inpainting: a 9-channel UNet)
+OPTIONAL_CONFIG_KEYS = ("scale_factor", "parameterization", "sampler_defaults", "image_size", "inpainting")
 
 
 class DiffusionWrapper(nn.Module):
@@ -90,6 +92,7 @@ class LatentDiffusion(nn.Module):
         A pre-loaded ``autoencoder`` (e.g. a stage-one weights file) replaces the config's node.
         """
         config = to_container(config)
+        check_keys(config, CONFIG_KEYS + OPTIONAL_CONFIG_KEYS, "model")
         missing = [key for key in CONFIG_KEYS if key not in config]
         if missing:
             raise ConfigError(f"model config is missing node(s) {missing}; it needs {list(CONFIG_KEYS)}")
