@@ -102,8 +102,15 @@ def save_safetensors(
 
 
 def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
-    with safe_open(os.fspath(path), framework="pt") as handle:
-        return dict(handle.metadata() or {})
+    """The string metadata of a ``.safetensors`` file; ``ValueError`` naming the file when it is not one."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"weights file not found: {path}")
+    try:
+        with safe_open(path, framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except Exception as error:  # SafetensorError's "header too large" on a text file says nothing useful
+        raise ValueError(f"{path}: not a model file (not a readable .safetensors file: {error})") from None
 
 
 def load_state_dict(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:

@@ -26,6 +26,7 @@ import torch  # noqa: E402
 
 from autoencoder.io import load_autoencoder, read_data_config, write_scale_factor  # noqa: E402
 from autoencoder.scale import latent_statistics  # noqa: E402
+from ldm.cli import run  # noqa: E402
 from ldm.training import build_dataloader  # noqa: E402
 from ldm.util import add_allow_target_argument, load_config  # noqa: E402
 from scripts.train_autoencoder import data_section, image_folder_nodes  # noqa: E402
@@ -84,4 +85,4 @@ def main(argv=None) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)  # a user error: one line "error: ..." and exit 2 (LDM_DEBUG=1 or --debug: the traceback)

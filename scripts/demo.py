@@ -22,6 +22,7 @@ if ROOT not in sys.path:
 
 import torch  # noqa: E402
 
+from ldm.cli import run  # noqa: E402
 from ldm.models.latent_diffusion import LatentDiffusion  # noqa: E402
 from ldm.run_folder import holds_a_run  # noqa: E402
 from ldm.util import add_allow_target_argument  # noqa: E402
@@ -110,4 +111,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)  # a user error: one line "error: ..." and exit 2 (LDM_DEBUG=1 or --debug: the traceback)

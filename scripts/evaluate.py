@@ -28,6 +28,7 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 
 from ldm.assets import DEMO_CHECKPOINT  # noqa: E402
+from ldm.cli import run  # noqa: E402
 from ldm.diffusion import SAMPLERS  # noqa: E402
 from ldm.eval.shapes_eval import EVAL_PROMPTS, evaluate_images, format_table  # noqa: E402
 from ldm.generate import autocast_for, generate  # noqa: E402
@@ -190,4 +191,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)  # a user error: one line "error: ..." and exit 2 (LDM_DEBUG=1 or --debug: the traceback)

@@ -30,6 +30,7 @@ from autoencoder.io import load_autoencoder  # noqa: E402
 from autoencoder.losses import PerceptualLoss, backbone_cache_path, pretrained_backbone_available  # noqa: E402
 from autoencoder.metrics import psnr, ssim  # noqa: E402
 from ldm.checkpoint import atomic_write  # noqa: E402
+from ldm.cli import run  # noqa: E402
 from ldm.training import build_dataloader  # noqa: E402
 from ldm.util import add_allow_target_argument  # noqa: E402
 from scripts.compute_scale_factor import dataset_node  # noqa: E402
@@ -123,4 +124,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)  # a user error: one line "error: ..." and exit 2 (LDM_DEBUG=1 or --debug: the traceback)

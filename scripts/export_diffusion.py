@@ -20,6 +20,7 @@ if ROOT not in sys.path:
 
 import torch  # noqa: E402
 
+from ldm.cli import run  # noqa: E402
 from ldm.training import find_resume_checkpoint  # noqa: E402
 from ldm.util import add_allow_target_argument, instantiate_from_config, load_config, to_container  # noqa: E402
 from scripts.train_diffusion import build_model  # noqa: E402
@@ -63,4 +64,4 @@ def main(argv=None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)  # a user error: one line "error: ..." and exit 2 (LDM_DEBUG=1 or --debug: the traceback)

@@ -23,6 +23,7 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 
 from ldm.assets import DEMO_CHECKPOINT  # noqa: E402
+from ldm.cli import run  # noqa: E402
 from ldm.data.shapes import SHAPES, SIZES, ShapeSpec, render  # noqa: E402
 from ldm.diffusion import NoiseSchedule  # noqa: E402
 from ldm.models.latent_diffusion import LatentDiffusion  # noqa: E402
@@ -93,4 +94,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)  # a user error: one line "error: ..." and exit 2 (LDM_DEBUG=1 or --debug: the traceback)

@@ -36,6 +36,7 @@ import torch  # noqa: E402
 from autoencoder.io import save_autoencoder  # noqa: E402
 from autoencoder.losses import PerceptualWeightsUnavailable  # noqa: E402
 from autoencoder.scale import latent_statistics  # noqa: E402
+from ldm.cli import run  # noqa: E402
 from ldm.run_folder import find_resume_checkpoint, make_run_dir, training_session  # noqa: E402
 from ldm.training import (  # noqa: E402
     RESUMABLE_LIGHTNING_KEYS,
@@ -208,4 +209,4 @@ def main(argv=None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)  # a user error: one line "error: ..." and exit 2 (LDM_DEBUG=1 or --debug: the traceback)

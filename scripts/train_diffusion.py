@@ -27,6 +27,7 @@ import torch  # noqa: E402
 
 from autoencoder import load_autoencoder  # noqa: E402
 from ldm.checkpoint import load_config_from_checkpoint, load_into, load_state_dict  # noqa: E402
+from ldm.cli import run  # noqa: E402
 from ldm.interop import is_our_format, load_single_file  # noqa: E402
 from ldm.models.latent_diffusion import LatentDiffusion  # noqa: E402
 from ldm.run_folder import find_resume_checkpoint, make_run_dir, training_session  # noqa: E402
@@ -168,4 +169,4 @@ def main(argv=None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)  # a user error: one line "error: ..." and exit 2 (LDM_DEBUG=1 or --debug: the traceback)

@@ -26,6 +26,7 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 
 from ldm.assets import DEMO_CHECKPOINT  # noqa: E402
+from ldm.cli import run  # noqa: E402
 from ldm.diffusion import SAMPLERS  # noqa: E402
 from ldm.generate import PRECISIONS, autocast_for, generate  # noqa: E402
 from ldm.images import save_grid, save_png_with_metadata  # noqa: E402
@@ -168,4 +169,4 @@ def main(argv=None) -> list[str]:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)  # a user error: one line "error: ..." and exit 2 (LDM_DEBUG=1 or --debug: the traceback)
