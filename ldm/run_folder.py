@@ -286,6 +286,22 @@ def latest_checkpoint(checkpoint_dir: str | os.PathLike) -> Path:
     raise FileNotFoundError(f"no readable checkpoint in {checkpoint_dir}: " + "; ".join(problems or ["empty"]))
 
 
+def prune_step_checkpoints(checkpoint_dir: str | os.PathLike, keep_last_n: int | None,
+                           pinned: tuple[int, ...] = ()) -> list[Path]:
+    """Delete ``step<N>.ckpt`` files but the newest ``keep_last_n`` and the ``pinned`` steps (``None``: keep all);
+    ``last.ckpt`` is never touched. Returns what was deleted."""
+    if keep_last_n is None:
+        return []
+    steps = sorted(((int(m.group(1)), p) for p in Path(checkpoint_dir).glob("step*.ckpt")
+                    if (m := STEP_CHECKPOINT.match(p.name))), reverse=True)
+    removed = []
+    for number, path in steps[max(0, int(keep_last_n)):]:
+        if number not in pinned:
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
 def find_resume_checkpoint(path: str | os.PathLike) -> tuple[Path, Path]:
     """``(checkpoint, run_dir)`` for ``--resume``: a ``.ckpt`` file, a run folder or its ``checkpoints/`` folder
     (then :func:`latest_checkpoint` picks the file)."""
@@ -382,6 +398,7 @@ def set_aside_abandoned_metrics(run_dir: str | os.PathLike, resumed_step: int) -
 __all__ = [
     "LOCK_FILE", "RUN_SUBDIRS", "RunFolderError", "RunLock", "check_resume_config", "checkpoint_step",
     "find_resume_checkpoint",
-    "holds_a_run", "latest_checkpoint", "make_run_dir", "prepare_run_dir", "remove_stale_temp_files",
+    "holds_a_run", "latest_checkpoint", "make_run_dir", "prepare_run_dir", "prune_step_checkpoints",
+    "remove_stale_temp_files",
     "save_run_config", "set_aside_abandoned_metrics", "training_session",
 ]

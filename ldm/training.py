@@ -31,6 +31,7 @@ from ldm.data.sampler import ResumableRandomSampler
 from ldm.resume import ResumeState
 from ldm.run_folder import (  # noqa: F401  (the run-folder API has always been importable from here)
     RUN_SUBDIRS,
+    prune_step_checkpoints,
     RunFolderError,
     RunLock,
     find_resume_checkpoint,
@@ -55,6 +56,8 @@ LIGHTNING_KEYS: dict[str, tuple[type, Any]] = {
     "seed": (int, 0),
     "log_every": (int, 50),
     "checkpoint_every": (int, 1000),
+    "keep_last_n": (int, 3),
+    "keep_steps": (list, ()),
     "image_every": (int, 1000),
     "max_images": (int, 8),
     "val_every": (int, None),
@@ -66,7 +69,7 @@ LIGHTNING_KEYS: dict[str, tuple[type, Any]] = {
 }
 # What a --resume may change (the rest of a resumed run's config must match its config.yaml).
 RESUMABLE_LIGHTNING_KEYS = ("max_steps", "max_minutes", "log_every", "checkpoint_every", "image_every",
-                            "max_images", "val_every", "limit_val_batches")
+                            "max_images", "val_every", "limit_val_batches", "keep_last_n", "keep_steps")
 
 
 def _typed(value: Any, kind: type, where: str) -> Any:
@@ -83,9 +86,13 @@ def _typed(value: Any, kind: type, where: str) -> Any:
     elif kind is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return value  # an int stays an int: limit_val_batches 1 means one batch, 1.0 all of them
+    elif kind is list:
+        if isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return tuple(value)
     elif isinstance(value, str):
         return value
-    names = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}
+    names = {bool: "true or false", int: "a whole number", float: "a number", str: "a string",
+             list: "a list of whole numbers"}
     raise ConfigError(f"{where}: expected {names[kind]}, got {value!r} ({type(value).__name__})")
 
 
@@ -105,9 +112,9 @@ def lightning_settings(node: Any, **defaults: Any) -> dict[str, Any]:
     for key in ("max_steps", "log_every", "checkpoint_every", "seed", "max_images", "scale_factor_batches"):
         if settings[key] is not None and settings[key] < (0 if key == "seed" else 1):
             raise ConfigError(f"lightning.{key} must be >= {0 if key == 'seed' else 1}, got {settings[key]}")
-    for key in ("image_every", "val_every", "max_minutes"):
+    for key in ("image_every", "val_every", "max_minutes", "keep_last_n"):
         if settings[key] is not None and settings[key] <= 0:
-            settings[key] = None  # 0 means off
+            settings[key] = None  # 0 means off (keep_last_n: keep every step checkpoint)
     return settings
 
 
@@ -422,14 +429,32 @@ def _tensorboard_available() -> bool:
     return True
 
 
+class StepCheckpoints(ModelCheckpoint):
+    """``ModelCheckpoint`` that keeps only the newest ``keep_last_n`` step files and the ``keep_steps`` a user pins
+    (a run of SD's size writes gigabytes a checkpoint)."""
+
+    def __init__(self, *args: Any, keep_last_n: int | None = None, keep_steps: Iterable[int] = (), **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.keep_last_n = keep_last_n
+        self.keep_steps = tuple(int(step) for step in keep_steps)
+
+    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        super()._save_checkpoint(trainer, filepath)
+        if trainer.is_global_zero and self.dirpath:
+            prune_step_checkpoints(self.dirpath, self.keep_last_n, self.keep_steps)
+
+
 class FinalCheckpoint(Callback):
     """At the end of training, ``step<N>.ckpt`` and ``last.ckpt`` for the final step when ``max_steps`` is not a
     multiple of ``every`` (``ModelCheckpoint`` only saves on that grid, so the last steps would be lost to
-    ``--resume`` and to ``export_diffusion``)."""
+    ``--resume`` and to ``export_diffusion``); then the same pruning as :class:`StepCheckpoints`."""
 
-    def __init__(self, dirpath: str | os.PathLike, every: int):
+    def __init__(self, dirpath: str | os.PathLike, every: int, keep_last_n: int | None = None,
+                 keep_steps: Iterable[int] = ()):
         self.dirpath = Path(dirpath)
         self.every = int(every)
+        self.keep_last_n = keep_last_n
+        self.keep_steps = tuple(int(step) for step in keep_steps)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         step = trainer.global_step
@@ -441,6 +466,8 @@ class FinalCheckpoint(Callback):
         # also keeps Lightning from logging that it "defaulted" (which reads like an unpickling warning)
         trainer.save_checkpoint(self.dirpath / f"step{step:06d}.ckpt", weights_only=False)
         trainer.save_checkpoint(self.dirpath / "last.ckpt", weights_only=False)
+        if trainer.is_global_zero:
+            prune_step_checkpoints(self.dirpath, self.keep_last_n, self.keep_steps)
 
 
 def build_trainer(
@@ -459,12 +486,14 @@ def build_trainer(
     gradient_clip_val: float | None = None,
     enable_progress_bar: bool = True,
     train_loader: torch.utils.data.DataLoader | None = None,
+    keep_last_n: int | None = None,
+    keep_steps: Iterable[int] = (),
     **trainer_kwargs: Any,
 ) -> pl.Trainer:
     """A step-bound Lightning ``Trainer`` writing into ``run_dir`` (see the module docstring for the layout).
 
-    Callbacks: tqdm progress bar, ``ModelCheckpoint`` (``step<N>.ckpt`` every ``checkpoint_every`` steps, all kept,
-    plus ``last.ckpt``, never ``-vN`` copies), ``FinalCheckpoint`` (the same at the last step when it is off that
+    Callbacks: tqdm progress bar, :class:`StepCheckpoints` (``step<N>.ckpt`` every ``checkpoint_every`` steps, the
+    newest ``keep_last_n`` (``None``: all) and the ``keep_steps`` kept, plus ``last.ckpt``, never ``-vN`` copies), ``FinalCheckpoint`` (the same at the last step when it is off that
     grid), ``NaNGuard``, ``StepTimer`` (``trainer.step_timer``), ``GracefulStop`` (``trainer.graceful_stop``),
     ``ResumeState`` (random states, and the data position of ``train_loader``'s
     :class:`~ldm.data.sampler.ResumableRandomSampler`), an ``ImageGridLogger`` into ``run_dir/images`` every
@@ -481,7 +510,9 @@ def build_trainer(
     run_dir = prepare_run_dir(run_dir)
     precision = resolve_precision(precision, accelerator)
 
-    checkpoint = ModelCheckpoint(
+    checkpoint = StepCheckpoints(
+        keep_last_n=keep_last_n,
+        keep_steps=keep_steps,
         dirpath=run_dir / "checkpoints",
         filename="step{step:06d}",
         auto_insert_metric_name=False,
@@ -494,7 +525,8 @@ def build_trainer(
     )
     timer = StepTimer()
     stop = GracefulStop()
-    callbacks = [checkpoint, FinalCheckpoint(run_dir / "checkpoints", checkpoint_every), NaNGuard(), timer, stop,
+    callbacks = [checkpoint, FinalCheckpoint(run_dir / "checkpoints", checkpoint_every, keep_last_n, keep_steps),
+                 NaNGuard(), timer, stop,
                  ResumeState.for_loader(train_loader)]
     if enable_progress_bar:
         callbacks.insert(0, TQDMProgressBar(refresh_rate=1))
@@ -564,6 +596,8 @@ def trainer_from_settings(run_dir: str | os.PathLike, settings: Mapping[str, Any
         gradient_clip_val=settings["gradient_clip_val"],
         max_time=_dt.timedelta(minutes=float(max_minutes)) if max_minutes else None,
         train_loader=train_loader,
+        keep_last_n=settings["keep_last_n"],
+        keep_steps=settings["keep_steps"],
         **kwargs,
     )
 

@@ -43,7 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     source.add_argument("--prompt", help="the text prompt")
     source.add_argument("--from-file", help="a text file with one prompt a line")
     parser.add_argument("--ckpt", default=None,
-                        help=f"our .safetensors (config inside) or an original Stable Diffusion .ckpt/.safetensors; "
+                        help=f"our .safetensors (config inside), an original Stable Diffusion .ckpt/.safetensors or a "
+                             f"diffusers folder; "
                              f"default: {DEMO_CHECKPOINT}")
     parser.add_argument("--config", default=None,
                         help="for a Stable Diffusion file: its original inference YAML (e.g. v2-inference-v.yaml); "
@@ -117,7 +118,7 @@ def main(argv=None) -> list[str]:
     except ValueError as error:
         raise SystemExit(f"error: {error}")
     ckpt = args.ckpt or DEMO_CHECKPOINT
-    if not os.path.isfile(ckpt):
+    if not os.path.exists(ckpt):  # a file, or a diffusers folder
         raise SystemExit(f"error: checkpoint not found: {ckpt}")
 
     model = load_model(ckpt, config=args.config, parameterization=args.parameterization,

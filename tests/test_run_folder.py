@@ -376,3 +376,16 @@ def test_a_data_folder_smaller_than_a_batch_says_how_to_fix_it(tmp_path, autoenc
     with pytest.raises(ValueError, match=r"16 samples are fewer than one batch of 64.*data.batch_size=16"):
         train_diffusion.main(["--config", TINY_DIFFUSION_CONFIG, "--autoencoder", autoencoder_file, "--run-dir",
                               str(tmp_path / "run"), "data.batch_size=64"])
+
+
+def test_step_checkpoints_keep_the_newest_and_the_pinned(tmp_path, autoencoder_file):
+    from scripts import train_diffusion
+
+    run = tmp_path / "run"
+    train_diffusion.main(["--config", TINY_DIFFUSION_CONFIG, "--autoencoder", autoencoder_file, "--run-dir", str(run),
+                          "--max-steps", "7", "lightning.checkpoint_every=1", "lightning.keep_last_n=2",
+                          "lightning.keep_steps=[2]", "lightning.image_every=0", "lightning.val_every=0"])
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert names == ["last.ckpt", "step000002.ckpt", "step000006.ckpt", "step000007.ckpt"]
+    assert lightning_settings({})["keep_last_n"] == 3  # the default keeps a few
+    assert lightning_settings({"keep_last_n": 0})["keep_last_n"] is None  # 0: keep them all

@@ -1,8 +1,10 @@
-"""Checkpoint interop: original Stable Diffusion files in (and, later, SD single files and diffusers folders out).
+"""Checkpoint interop: original Stable Diffusion files and diffusers folders, in and out.
 
 * :mod:`ldm.interop.sd_config`: SD's original inference YAML mapped to our config (class names mapped, not imported);
 * :mod:`ldm.interop.single_file`: SD ``.ckpt``/``.safetensors`` read by content, checked and loaded strictly;
-* :func:`load_model`: one entry point for our own one-file format and SD files alike.
+* :mod:`ldm.interop.diffusers`: a ``StableDiffusionPipeline`` folder written and read (an optional extra);
+* :mod:`ldm.interop.export`: ``convert_checkpoint`` between ours, SD's single file and diffusers;
+* :func:`load_model`: one entry point for all of them.
 """
 
 from __future__ import annotations
@@ -40,8 +42,20 @@ def load_model(
     use_ema: bool | None = None,
     map_location: str = "cpu",
 ):
-    """A :class:`LatentDiffusion` from our one-file format or an original SD checkpoint (with its SD ``config``)."""
+    """A :class:`LatentDiffusion` from our one-file format, an original SD checkpoint (with its SD ``config``) or a
+    diffusers folder (``model_index.json``)."""
+    from ldm.interop.diffusers import is_diffusers_folder, load_diffusers
     from ldm.models.latent_diffusion import LatentDiffusion
+
+    if is_diffusers_folder(path):
+        if config is not None or use_ema:
+            raise ValueError(f"{path}: a diffusers folder carries its own config and weights; --config and --use-ema "
+                             "are for Stable Diffusion files")
+        model = load_diffusers(path)
+        if parameterization is not None and parameterization != model.parameterization:
+            raise ValueError(f"{path} is a {model.parameterization}-prediction model (its scheduler says so); "
+                             f"--parameterization {parameterization} contradicts it")
+        return model.to(map_location)
 
     if config is None and is_our_format(path):
         if use_ema:
