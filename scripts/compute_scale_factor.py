@@ -27,6 +27,7 @@ import torch  # noqa: E402
 from autoencoder.io import load_autoencoder, read_data_config, write_scale_factor  # noqa: E402
 from autoencoder.scale import latent_statistics  # noqa: E402
 from ldm.cli import run  # noqa: E402
+from ldm.threads import add_threads_argument, configure_threads  # noqa: E402
 from ldm.training import build_dataloader  # noqa: E402
 from ldm.util import add_allow_target_argument, load_config  # noqa: E402
 from scripts.train_autoencoder import data_section, image_folder_nodes  # noqa: E402
@@ -60,12 +61,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dry-run", action="store_true", help="print the statistics without writing them")
     add_allow_target_argument(parser)
+    add_threads_argument(parser)
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> float:
     """Returns the scale factor (also written into ``--ckpt`` unless ``--dry-run``)."""
     args = parse_args(argv)
+    configure_threads(args.threads)
     if args.num_batches < 1:
         raise SystemExit("error: --num-batches must be >= 1")
     model, old = load_autoencoder(args.ckpt, require_scale_factor=False)

@@ -24,7 +24,9 @@ if ROOT not in sys.path:
 
 import torch  # noqa: E402
 
+from ldm.cli import run  # noqa: E402
 from ldm.interop.export import FORMATS, convert_checkpoint  # noqa: E402
+from ldm.threads import add_threads_argument, configure_threads  # noqa: E402
 from ldm.util import add_allow_target_argument  # noqa: E402
 
 
@@ -41,12 +43,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                         help="cast the weights (default: as loaded, float32)")
     add_allow_target_argument(parser)
+    add_threads_argument(parser)
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> list[str]:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
+    configure_threads(args.threads)
     written = convert_checkpoint(args.ckpt, args.to, args.out, config=args.config,
                                  parameterization=args.parameterization, use_ema=args.use_ema or None,
                                  dtype=getattr(torch, args.dtype) if args.dtype else None)
@@ -56,4 +60,4 @@ def main(argv=None) -> list[str]:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)  # a user error: one line "error: ..." and exit 2 (LDM_DEBUG=1 or --debug: the traceback)

@@ -25,6 +25,7 @@ import torch  # noqa: E402
 from ldm.cli import run  # noqa: E402
 from ldm.models.latent_diffusion import LatentDiffusion  # noqa: E402
 from ldm.run_folder import holds_a_run  # noqa: E402
+from ldm.threads import add_threads_argument, configure_threads  # noqa: E402
 from ldm.util import add_allow_target_argument  # noqa: E402
 from scripts import evaluate, train_autoencoder, train_diffusion, txt2img  # noqa: E402
 
@@ -51,12 +52,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--export", default=None,
                         help="also write the trained model here in float16 (how ldm/assets/demo-shapes.safetensors is made)")
     add_allow_target_argument(parser)
+    add_threads_argument(parser)
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
+    configure_threads(args.threads)
     for stage in ("autoencoder", "diffusion"):
         if holds_a_run(os.path.join(args.out, stage)):
             raise SystemExit(f"error: {args.out} holds an earlier demo run ({stage}); remove it first (make clean-demo) "

@@ -34,6 +34,7 @@ from ldm.eval.shapes_eval import EVAL_PROMPTS, evaluate_images, format_table  # 
 from ldm.generate import autocast_for, generate  # noqa: E402
 from ldm.images import save_grid  # noqa: E402
 from ldm.models.latent_diffusion import LatentDiffusion  # noqa: E402
+from ldm.threads import add_threads_argument, configure_threads  # noqa: E402
 from ldm.util import add_allow_target_argument  # noqa: E402
 
 log = logging.getLogger("evaluate")
@@ -59,6 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--sweep-samplers", nargs="+", default=None, help="default: every registered sampler")
     parser.add_argument("--out-dir", default="outputs/sweep", help="where --sweep writes sweep.md/json/png")
     add_allow_target_argument(parser)
+    add_threads_argument(parser)
     return parser.parse_args(argv)
 
 
@@ -157,6 +159,7 @@ def plot_sweep(rows: list[dict], path: str) -> None:
 def main(argv=None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
+    configure_threads(args.threads)
     if args.sampler not in SAMPLERS:
         raise SystemExit(f"error: unknown sampler {args.sampler!r}; choose one of {sorted(SAMPLERS)}")
     if not os.path.isfile(args.ckpt):

@@ -31,6 +31,7 @@ from autoencoder.losses import PerceptualLoss, backbone_cache_path, pretrained_b
 from autoencoder.metrics import psnr, ssim  # noqa: E402
 from ldm.checkpoint import atomic_write  # noqa: E402
 from ldm.cli import run  # noqa: E402
+from ldm.threads import add_threads_argument, configure_threads  # noqa: E402
 from ldm.training import build_dataloader  # noqa: E402
 from ldm.util import add_allow_target_argument  # noqa: E402
 from scripts.compute_scale_factor import dataset_node  # noqa: E402
@@ -47,6 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--sample-posterior", action="store_true", help="decode posterior samples instead of the mode")
     parser.add_argument("--seed", type=int, default=0)
     add_allow_target_argument(parser)
+    add_threads_argument(parser)
     return parser.parse_args(argv)
 
 
@@ -85,6 +87,7 @@ def evaluate(model, loader, num_images: int, lpips_model=None, sample_posterior:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    configure_threads(args.threads)
     if args.num_images < 1:
         raise SystemExit("error: --num-images must be >= 1")
     model, scale_factor = load_autoencoder(args.ckpt, require_scale_factor=False)

@@ -21,6 +21,7 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 
 from ldm.cli import run  # noqa: E402
+from ldm.threads import add_threads_argument, configure_threads  # noqa: E402
 from ldm.training import find_resume_checkpoint  # noqa: E402
 from ldm.util import add_allow_target_argument, instantiate_from_config, load_config, to_container  # noqa: E402
 from scripts.train_diffusion import build_model  # noqa: E402
@@ -37,6 +38,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", default=None, help="default: <run>/model.safetensors")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     add_allow_target_argument(parser)
+    add_threads_argument(parser)
     return parser.parse_args(argv)
 
 
@@ -60,6 +62,7 @@ def export(run: str, autoencoder: str | None, ckpt: str | None = None, out: str 
 def main(argv=None) -> str:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
+    configure_threads(args.threads)
     return export(args.run, args.autoencoder, args.ckpt, args.out, args.dtype, args.init_from)
 
 

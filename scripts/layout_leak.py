@@ -27,6 +27,7 @@ from ldm.cli import run  # noqa: E402
 from ldm.data.shapes import SHAPES, SIZES, ShapeSpec, render  # noqa: E402
 from ldm.diffusion import NoiseSchedule  # noqa: E402
 from ldm.models.latent_diffusion import LatentDiffusion  # noqa: E402
+from ldm.threads import add_threads_argument, configure_threads  # noqa: E402
 from ldm.util import add_allow_target_argument  # noqa: E402
 
 SCHEDULES = {
@@ -76,7 +77,9 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", default=DEMO_CHECKPOINT, help="a whole-model file (its autoencoder is used)")
     add_allow_target_argument(parser)
+    add_threads_argument(parser)
     args = parser.parse_args(argv)
+    configure_threads(args.threads)
     model = LatentDiffusion.from_checkpoint(args.ckpt).eval()
     curves = snr_curves(model)
     table = {key: float(snr[-1]) for key, snr in curves.items()}  # at t = T

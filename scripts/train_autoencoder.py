@@ -38,6 +38,7 @@ from autoencoder.losses import PerceptualWeightsUnavailable  # noqa: E402
 from autoencoder.scale import latent_statistics  # noqa: E402
 from ldm.cli import run  # noqa: E402
 from ldm.run_folder import find_resume_checkpoint, make_run_dir, training_session  # noqa: E402
+from ldm.threads import add_threads_argument, configure_threads  # noqa: E402
 from ldm.training import (  # noqa: E402
     RESUMABLE_LIGHTNING_KEYS,
     build_dataloaders,
@@ -73,6 +74,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--run-dir", default=None, help="default: runs/<config name>-<time> (or the resumed run)")
     parser.add_argument("overrides", nargs="*", help="config overrides as a dotlist, e.g. lightning.precision=bf16-mixed")
     add_allow_target_argument(parser)
+    add_threads_argument(parser)
     return parser.parse_args(argv)
 
 
@@ -133,6 +135,7 @@ def main(argv=None) -> str:
     """Train; returns the path of the written ``autoencoder.safetensors``."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
+    configure_threads(args.threads)
     resume_ckpt = None
     config_from_run = False
     if args.resume:

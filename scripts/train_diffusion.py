@@ -31,6 +31,7 @@ from ldm.cli import run  # noqa: E402
 from ldm.interop import is_our_format, load_single_file  # noqa: E402
 from ldm.models.latent_diffusion import LatentDiffusion  # noqa: E402
 from ldm.run_folder import find_resume_checkpoint, make_run_dir, training_session  # noqa: E402
+from ldm.threads import add_threads_argument, configure_threads  # noqa: E402
 from ldm.training import (  # noqa: E402
     RESUMABLE_LIGHTNING_KEYS,
     build_dataloaders,
@@ -74,6 +75,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--run-dir", default=None, help="default: runs/<config name>-<time>")
     parser.add_argument("overrides", nargs="*", help="config overrides as dotlist, e.g. trainer.params.learning_rate=1e-4")
     add_allow_target_argument(parser)
+    add_threads_argument(parser)
     return parser.parse_args(argv)
 
 
@@ -116,6 +118,7 @@ def build_model(model_config: dict, autoencoder_path: str | None = None, init_fr
 def main(argv=None) -> str:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
+    configure_threads(args.threads)
     resume_ckpt, resumed_run = find_resume_checkpoint(args.resume) if args.resume else (None, None)
     config_path = args.config or (os.path.join(resumed_run, "config.yaml") if resumed_run else None)
     if config_path is None:

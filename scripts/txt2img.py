@@ -32,6 +32,7 @@ from ldm.generate import PRECISIONS, autocast_for, generate  # noqa: E402
 from ldm.images import save_grid, save_png_with_metadata  # noqa: E402
 from ldm.inference import prepare_for_inference  # noqa: E402
 from ldm.interop import load_model  # noqa: E402
+from ldm.threads import add_threads_argument, configure_threads  # noqa: E402
 from ldm.util import add_allow_target_argument  # noqa: E402
 
 log = logging.getLogger("txt2img")
@@ -70,6 +71,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="torch.compile the UNet and VAE decoder (first call compiles; CPU needs a C++ compiler)")
     parser.add_argument("--no-progress", action="store_true", help="turn the progress bar off")
     add_allow_target_argument(parser)
+    add_threads_argument(parser)
     return parser.parse_args(argv)
 
 
@@ -106,6 +108,7 @@ def sampler_settings(args: argparse.Namespace) -> dict:
 def main(argv=None) -> list[str]:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
+    configure_threads(args.threads)
     # Checks that need no model first: a wrong flag costs nothing.
     if args.sampler not in SAMPLERS:
         raise SystemExit(f"error: unknown sampler {args.sampler!r}; choose one of {sorted(SAMPLERS)}")

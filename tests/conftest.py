@@ -3,6 +3,8 @@ import os
 # Tests never download weights or data.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# The commands set torch's threads at start (ldm/threads.py); the tests' tensors are tiny: one thread.
+os.environ.setdefault("LDM_THREADS", "1")
 
 import pytest
 import torch

@@ -1168,13 +1168,15 @@ def load_diffusers(folder: str | os.PathLike, map_location: str | torch.device =
         weights.update(apply_inverse(plan, shapes, theirs, what))
         return [k for k, pieces in plan.items() if not pieces]
 
-    unet = UNet2DConditionModel.from_pretrained(str(folder), subfolder="unet", low_cpu_mem_usage=False)
+    # use_safetensors: a folder from anyone may hold pickled .bin weights; those are refused, never unpickled
+    unet = UNet2DConditionModel.from_pretrained(str(folder), subfolder="unet", low_cpu_mem_usage=False,
+                                                use_safetensors=True)
     invert(_unet_forward(parts["unet"]), UNET_PREFIX, unet.state_dict(), f"{folder}/unet")
     del unet
-    vae = AutoencoderKL.from_pretrained(str(folder), subfolder="vae", low_cpu_mem_usage=False)
+    vae = AutoencoderKL.from_pretrained(str(folder), subfolder="vae", low_cpu_mem_usage=False, use_safetensors=True)
     invert(_vae_forward(parts["vae"]), VAE_PREFIX, vae.state_dict(), f"{folder}/vae")
     del vae
-    text = CLIPTextModel.from_pretrained(str(folder / "text_encoder"))
+    text = CLIPTextModel.from_pretrained(str(folder / "text_encoder"), use_safetensors=True)
     theirs = {k: v for k, v in text.state_dict().items() if not k.endswith("position_ids")}
     left = invert(_text_forward(config["text_encoder"], _is_flat(text)), TEXT_PREFIX, theirs,
                   f"{folder}/text_encoder")
