@@ -3,7 +3,9 @@
 torch starts one OpenMP thread per core, and OpenMP threads spin while they wait for each other: when another job
 holds some of the cores, every parallel region waits on a thread that is not running, and work runs 10-30x slower
 (one UNet forward on this 2-core machine under load: 12.9 s with 2 threads, 0.45 s with 1). So the default is the
-number of cores minus the 1-minute load average (at least 1); on an idle machine that is every core, as before.
+number of cores minus the other processes running right now (at least 1; Linux's count of runnable tasks, sampled a
+few times at start); on an idle machine that is every core, as before. The 1-minute load average would lag: right
+after a finished job it still counts it, and it counts this process's own recent work.
 ``--threads N`` (or ``LDM_THREADS``) sets it outright. Commands print the choice at start.
 """
 
@@ -12,6 +14,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import statistics
+import time
 
 import torch
 
@@ -25,15 +29,29 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def default_threads(cores: int | None = None, load: float | None = None) -> int:
-    """``cores - round(load)``, at least 1: the cores other jobs leave idle (1-minute load average)."""
-    cores = available_cores() if cores is None else int(cores)
-    if load is None:
+def other_running_tasks(samples: int = 5, interval: float = 0.02) -> float:
+    """Runnable tasks besides this one (``/proc/loadavg``'s running count minus 1), the median of a few samples;
+    the 1-minute load average where that file does not exist."""
+    counts = []
+    for index in range(samples):
         try:
-            load = os.getloadavg()[0]
-        except (AttributeError, OSError):
-            load = 0.0
-    return max(1, min(cores, cores - int(round(load))))
+            with open("/proc/loadavg", encoding="utf-8") as handle:
+                counts.append(int(handle.read().split()[3].split("/")[0]) - 1)
+        except (OSError, IndexError, ValueError):
+            try:
+                return os.getloadavg()[0]
+            except (AttributeError, OSError):
+                return 0.0
+        if index + 1 < samples:
+            time.sleep(interval)
+    return float(statistics.median(counts))
+
+
+def default_threads(cores: int | None = None, busy: float | None = None) -> int:
+    """``cores - round(busy)``, at least 1: the cores other running tasks leave idle."""
+    cores = available_cores() if cores is None else int(cores)
+    busy = other_running_tasks() if busy is None else busy
+    return max(1, min(cores, cores - int(round(max(0.0, busy)))))
 
 
 def configure_threads(threads: int | None = None) -> int:
@@ -42,7 +60,7 @@ def configure_threads(threads: int | None = None) -> int:
     if threads is None and os.environ.get("LDM_THREADS"):
         threads, source = int(os.environ["LDM_THREADS"]), "LDM_THREADS"
     if threads is None:
-        threads, source = default_threads(), f"idle cores: {available_cores()} minus the load average"
+        threads, source = default_threads(), f"idle cores: {available_cores()} minus other running tasks"
     if threads < 1:
         raise ValueError(f"--threads must be >= 1, got {threads}")
     torch.set_num_threads(int(threads))
@@ -59,5 +77,5 @@ class _ThreadsAction(argparse.Action):
 
 def add_threads_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, action=_ThreadsAction, metavar="N",
-                        help="CPU threads for torch (default: the idle cores, i.e. cores minus the load average; "
+                        help="CPU threads for torch (default: the idle cores, i.e. cores minus other running tasks; "
                              "processes sharing few cores should split them)")

@@ -118,11 +118,14 @@ def test_resume_falls_back_to_the_newest_valid_step_file(tmp_path, caplog):
         find_resume_checkpoint(run)
 
 
-def test_a_moved_folder_gets_no_versioned_checkpoint_copies(moved_run, autoencoder_file):
+def test_a_moved_folder_gets_no_versioned_checkpoint_copies(moved_run, autoencoder_file, caplog):
     from scripts import train_diffusion
 
     run = moved_run
-    train_diffusion.main(["--resume", str(run), "--autoencoder", autoencoder_file, "--max-steps", "5"])
+    with caplog.at_level(logging.INFO):
+        train_diffusion.main(["--resume", str(run), "--autoencoder", autoencoder_file, "--max-steps", "5"])
+    assert "1 steps this session" in caplog.text and "(5 in all)" in caplog.text
+    assert "weights_only` was not set" not in caplog.text  # every save says what it writes
     names = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert not [n for n in names if "-v" in n], names
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 5
@@ -376,6 +379,7 @@ def test_a_data_folder_smaller_than_a_batch_says_how_to_fix_it(tmp_path, autoenc
     with pytest.raises(ValueError, match=r"16 samples are fewer than one batch of 64.*data.batch_size=16"):
         train_diffusion.main(["--config", TINY_DIFFUSION_CONFIG, "--autoencoder", autoencoder_file, "--run-dir",
                               str(tmp_path / "run"), "data.batch_size=64"])
+    assert not (tmp_path / "run").exists()  # a data error leaves no empty run folder behind
 
 
 def test_step_checkpoints_keep_the_newest_and_the_pinned(tmp_path, autoencoder_file):

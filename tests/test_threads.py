@@ -9,10 +9,26 @@ from ldm.threads import configure_threads, default_threads
 
 
 def test_default_is_the_idle_cores_and_at_least_one():
-    assert default_threads(cores=2, load=0.0) == 2      # idle: every core, as torch's own default
-    assert default_threads(cores=2, load=1.2) == 1      # one core busy elsewhere
-    assert default_threads(cores=2, load=7.0) == 1      # never 0
-    assert default_threads(cores=16, load=3.4) == 13
+    assert default_threads(cores=2, busy=0.0) == 2      # idle: every core, as torch's own default
+    assert default_threads(cores=2, busy=1.0) == 1      # one core busy elsewhere
+    assert default_threads(cores=2, busy=7.0) == 1      # never 0
+    assert default_threads(cores=16, busy=3.4) == 13
+
+
+def test_a_running_process_is_counted():
+    import subprocess
+    import sys
+    import time
+
+    from ldm.threads import other_running_tasks
+
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)
+        assert other_running_tasks(samples=9) >= 1
+    finally:
+        spinner.kill()
+        spinner.wait()
 
 
 def test_explicit_settings_win_and_are_logged(monkeypatch, caplog):
