@@ -25,6 +25,7 @@ if ROOT not in sys.path:
 import torch  # noqa: E402
 
 from ldm.cli import run  # noqa: E402
+from ldm.interop import add_checkpoint_arguments  # noqa: E402
 from ldm.interop.export import FORMATS, convert_checkpoint  # noqa: E402
 from ldm.threads import add_threads_argument, configure_threads  # noqa: E402
 from ldm.util import add_allow_target_argument  # noqa: E402
@@ -37,9 +38,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--to", required=True, choices=FORMATS)
     parser.add_argument("--out", required=True, help="the .safetensors to write (sd: a .yaml is written beside it; "
                         "diffusers: a new folder)")
-    parser.add_argument("--config", default=None, help="a Stable Diffusion input's original inference YAML")
-    parser.add_argument("--parameterization", default=None, choices=["eps", "v", "x0"])
-    parser.add_argument("--use-ema", action="store_true", help="a Stable Diffusion input's model_ema weights")
+    add_checkpoint_arguments(parser)
     parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                         help="cast the weights (default: as loaded, float32)")
     add_allow_target_argument(parser)

@@ -28,7 +28,7 @@ import torch  # noqa: E402
 from autoencoder import load_autoencoder  # noqa: E402
 from ldm.checkpoint import load_config_from_checkpoint, load_into, load_state_dict  # noqa: E402
 from ldm.cli import run  # noqa: E402
-from ldm.interop import is_our_format, load_single_file  # noqa: E402
+from ldm.interop import add_checkpoint_arguments, is_our_format, load_single_file  # noqa: E402
 from ldm.models.latent_diffusion import LatentDiffusion  # noqa: E402
 from ldm.run_folder import find_resume_checkpoint, make_run_dir, training_session  # noqa: E402
 from ldm.threads import add_threads_argument, configure_threads  # noqa: E402
@@ -62,12 +62,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--init-from", default=None,
                         help="start from a trained model file (train_diffusion/export output): fine-tuning or "
                              "longer training; its autoencoder and scale factor are used, --autoencoder is not needed")
-    parser.add_argument("--config-from", default=None,
-                        help="with --init-from an original Stable Diffusion file: its inference YAML "
-                             "(v1-inference.yaml, v2-inference-v.yaml, ...); default: read the variant off the weights")
-    parser.add_argument("--parameterization", default=None, choices=["eps", "v", "x0"],
-                        help="with --init-from a Stable Diffusion file and no --config-from: what its UNet predicts")
-    parser.add_argument("--use-ema", action="store_true", help="start from a Stable Diffusion file's EMA weights")
+    add_checkpoint_arguments(parser, "--config-from")  # with --init-from an original Stable Diffusion file
     parser.add_argument("--data", default=None, help="a captioned image folder instead of the config's dataset")
     parser.add_argument("--max-steps", type=int, default=None)
     parser.add_argument("--resume", default=None,

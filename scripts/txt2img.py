@@ -31,7 +31,7 @@ from ldm.diffusion import SAMPLERS  # noqa: E402
 from ldm.generate import PRECISIONS, autocast_for, generate  # noqa: E402
 from ldm.images import save_grid, save_png_with_metadata  # noqa: E402
 from ldm.inference import prepare_for_inference  # noqa: E402
-from ldm.interop import load_model  # noqa: E402
+from ldm.interop import add_checkpoint_arguments, load_model  # noqa: E402
 from ldm.threads import add_threads_argument, configure_threads  # noqa: E402
 from ldm.util import add_allow_target_argument  # noqa: E402
 
@@ -47,12 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help=f"our .safetensors (config inside), an original Stable Diffusion .ckpt/.safetensors or a "
                              f"diffusers folder; "
                              f"default: {DEMO_CHECKPOINT}")
-    parser.add_argument("--config", default=None,
-                        help="for a Stable Diffusion file: its original inference YAML (e.g. v2-inference-v.yaml); "
-                             "default: read the variant off the weights")
-    parser.add_argument("--parameterization", default=None, choices=["eps", "v", "x0"],
-                        help="what a Stable Diffusion file's UNet predicts when no --config says it (768-v: v)")
-    parser.add_argument("--use-ema", action="store_true", help="a Stable Diffusion file's model_ema weights")
+    add_checkpoint_arguments(parser)
     parser.add_argument("--sampler", default="ddim", help=f"one of {sorted(SAMPLERS)}")
     parser.add_argument("--steps", type=int, default=50, help="sampling steps (DDPM uses all of the schedule's)")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like")

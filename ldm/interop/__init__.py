@@ -35,6 +35,17 @@ def is_our_format(path: str | os.PathLike) -> bool:
         return False
 
 
+def add_checkpoint_arguments(parser, config_flag: str = "--config") -> None:
+    """The options that say how to read an original Stable Diffusion file: ``config_flag`` (its inference YAML),
+    ``--parameterization``, ``--use-ema``."""
+    parser.add_argument(config_flag, default=None,
+                        help="for an original Stable Diffusion file: its inference YAML (v1-inference.yaml, "
+                             "v2-inference-v.yaml, ...); default: the variant read off the weights")
+    parser.add_argument("--parameterization", default=None, choices=["eps", "v", "x0"],
+                        help="what a Stable Diffusion file's UNet predicts when no YAML says it (768-v: v)")
+    parser.add_argument("--use-ema", action="store_true", help="a Stable Diffusion file's model_ema weights")
+
+
 def load_model(
     path: str | os.PathLike,
     config: str | os.PathLike | Mapping[str, Any] | None = None,
@@ -47,6 +58,8 @@ def load_model(
     from ldm.interop.diffusers import is_diffusers_folder, load_diffusers
     from ldm.models.latent_diffusion import LatentDiffusion
 
+    if os.path.isdir(path) and not is_diffusers_folder(path):
+        raise ValueError(f"{path}: a folder, but not a diffusers pipeline (no model_index.json)")
     if is_diffusers_folder(path):
         if config is not None or use_ema:
             raise ValueError(f"{path}: a diffusers folder carries its own config and weights; --config and --use-ema "
@@ -69,5 +82,5 @@ def load_model(
                             map_location=map_location)
 
 
-__all__ = ["CheckpointFormatError", "infer_variant", "is_our_format", "load_model", "load_sd_config",
+__all__ = ["CheckpointFormatError", "add_checkpoint_arguments", "infer_variant", "is_our_format", "load_model", "load_sd_config",
            "load_single_file", "read_state_dict", "sd_config_to_ours", "stock_config_path"]

@@ -80,10 +80,7 @@ def convert_checkpoint(
         from ldm.interop.diffusers import require_diffusers
 
         require_diffusers("--to diffusers")
-    if os.path.isdir(source):
-        model = _load_diffusers_folder(source, config, parameterization, use_ema)
-    else:
-        model = load_model(source, config=config, parameterization=parameterization, use_ema=use_ema)
+    model = load_model(source, config=config, parameterization=parameterization, use_ema=use_ema)
     if to == "sd":
         return list(save_sd(model, out, dtype))
     if to == "diffusers":
@@ -94,18 +91,3 @@ def convert_checkpoint(
         raise ValueError(f"--out {out}: our format is a .safetensors file")
     model.save(out, dtype=dtype)
     return [os.fspath(out)]
-
-
-def _load_diffusers_folder(source, config, parameterization, use_ema):
-    from ldm.interop.diffusers import is_diffusers_folder, load_diffusers
-
-    if not is_diffusers_folder(source):
-        raise ValueError(f"--ckpt {source}: a folder, but not a diffusers pipeline (no model_index.json)")
-    if config is not None or use_ema:
-        raise ValueError(f"--ckpt {source}: a diffusers folder carries its own configs and no EMA copy; "
-                         "--config / --use-ema are for Stable Diffusion files")
-    model = load_diffusers(source)
-    if parameterization is not None and parameterization != model.parameterization:
-        raise ValueError(f"{source} is a {model.parameterization}-prediction model (its scheduler says so); "
-                         f"--parameterization {parameterization} contradicts it")
-    return model
