@@ -440,3 +440,32 @@ def test_sd_to_ours_to_sd_keeps_every_weight(sd_files, tmp_path):
         else:  # a schedule table: SD computes it in numpy, we in torch (float64 both, stored float32)
             torch.testing.assert_close(value, state[key], rtol=1e-6, atol=0)
     assert load_sd_config(back_yaml) == load_sd_config(yaml_path)
+
+
+def test_an_ema_only_file_loads_its_ema_weights(sd_files, tmp_path):
+    path, yaml_path, state = sd_files["v2"]
+    ema_only = {k: v for k, v in state.items() if not k.startswith("model.diffusion_model.")}
+    file = tmp_path / "ema-only.safetensors"
+    save_file(ema_only, str(file))
+    key = "model.diffusion_model.input_blocks.0.0.weight"
+    model = LatentDiffusion.from_single_file(file, config=yaml_path)
+    assert torch.equal(model.state_dict()[key], state["model_ema.diffusion_modelinput_blocks00weight"])
+
+
+def test_a_v1_file_with_a_v2_config_names_what_differs(sd_files):
+    path, _, _ = sd_files["v1"]
+    _, v2_yaml, _ = sd_files["v2"]
+    with pytest.raises(CheckpointFormatError, match=r"does not fit its config.*cond_stage_model\.(model|transformer)"):
+        LatentDiffusion.from_single_file(path, config=v2_yaml)
+
+
+def test_an_inpainting_file_loads_with_its_nine_channel_unet(tmp_path):
+    config = sd_yaml(in_channels=9)
+    state = build_sd_state_dict(config, ema=False)
+    path = tmp_path / "inpaint.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    yaml_path = tmp_path / "inpaint.yaml"
+    yaml_path.write_text(yaml.safe_dump(config))
+    model = LatentDiffusion.from_single_file(path, config=yaml_path)
+    assert model.config["inpainting"] is True and model.unet.in_channels == 9
+    assert infer_variant(state) == "v2-inpainting-inference"

@@ -198,24 +198,26 @@ class _Selection(Mapping):
         getattr(self.source, "release", lambda: None)()
 
 
-def select_weights(state_dict: Mapping[str, torch.Tensor], use_ema: bool | None, source: str) -> tuple[Mapping, bool]:
+def select_weights(state_dict: Mapping[str, torch.Tensor], use_ema: bool | None, source: str,
+                   unet_keys: list[str]) -> tuple[Mapping, bool]:
     """The UNet/VAE/text weights to load: SD's schedule tables and bookkeeping left out, ``model_ema.*`` in place of
-    the UNet weights when ``use_ema`` (and dropped otherwise). Nothing is read from the file here."""
+    the UNet weights (``unet_keys``, the model's) when ``use_ema``, and dropped otherwise. ``use_ema=None``: EMA only
+    when the file keeps its UNet as EMA weights alone. Nothing is read from the file here."""
     names = {k: k for k in state_dict
              if not k.startswith(EMA_PREFIX) and k not in _SCHEDULE_TABLES and k not in _DROPPED
              and k != "scale_factor" and not k.endswith("embeddings.position_ids")}  # HF's index table, no weight
     ema = {k for k in state_dict if k.startswith(EMA_PREFIX) and k not in _DROPPED}
-    use_ema = bool(use_ema)
+    if use_ema is None:
+        use_ema = bool(ema) and not any(k.startswith(UNET_PREFIX) for k in names)
     if use_ema:
         if not ema:
             raise CheckpointFormatError(f"{source}: --use-ema was asked for but the file holds no model_ema.* weights")
-        unet_keys = [k for k in names if k.startswith(UNET_PREFIX)]
         missing = [k for k in unet_keys if ema_key(k) not in ema]
         if missing:
             raise CheckpointFormatError(f"{source}: model_ema.* lacks {len(missing)} UNet weight(s), e.g. "
                                         f"{ema_key(missing[0])}")
         names.update({k: ema_key(k) for k in unet_keys})
-    return _Selection(state_dict, names), use_ema
+    return _Selection(state_dict, names), bool(use_ema)
 
 
 def _shape(state_dict: Mapping[str, torch.Tensor], key: str) -> tuple[int, ...]:
@@ -344,7 +346,7 @@ def load_single_file(
         config: SD's original inference YAML (path or mapping), e.g. ``v2-inference-v.yaml``; ``None``: the stock
             config of the variant read off the weights (:func:`infer_variant`).
         parameterization: ``eps``/``v``/``x0``, overriding the config (a v-prediction file without a config needs it).
-        use_ema: load ``model_ema.*`` into the UNet (default: no).
+        use_ema: load ``model_ema.*`` into the UNet (default: only when the file has no other UNet weights).
     """
     from ldm.models.latent_diffusion import LatentDiffusion
 
@@ -353,9 +355,11 @@ def load_single_file(
     if config is None:
         variant = infer_variant(state_dict)
         ours = load_sd_config(stock_config_path(variant))
-        log.info("%s: no --config given; the weights look like %s (stock config %s)%s", source, variant,
-                 stock_config_path(variant), "" if parameterization else
-                 "; v-prediction cannot be read off the weights: pass --parameterization v for a 768-v model")
+        log.info("%s: no --config given; the weights look like %s (stock config %s)", source, variant,
+                 stock_config_path(variant))
+        if parameterization is None and variant.startswith("v2"):
+            log.warning("%s: eps-prediction assumed; v-prediction cannot be read off the weights, so a 768-v model "
+                        "needs --parameterization v (or --config v2-inference-v.yaml)", source)
     elif isinstance(config, Mapping):
         ours = sd_config_to_ours(config)
     else:
@@ -375,7 +379,8 @@ def load_single_file(
     with skip_weight_init():
         model = LatentDiffusion.from_config(ours)
     check_schedule_tables(state_dict, model.schedule, source)
-    weights, used_ema = select_weights(state_dict, use_ema, source)
+    unet_keys = [k for k in model.state_dict() if k.startswith(UNET_PREFIX)]
+    weights, used_ema = select_weights(state_dict, use_ema, source, unet_keys)
     load_sd_weights(model, weights, source)
     log.info("loaded %s (%s, %s-prediction%s)", source, "inpainting" if ours.get("inpainting") else "txt2img",
              model.parameterization, ", EMA weights" if used_ema else "")
