@@ -7,8 +7,11 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=find_packages(include=["ldm", "ldm.*", "autoencoder", "autoencoder.*"]),
-    package_data={"ldm": ["assets/*.safetensors", "assets/*.json", "configs/*.yaml"]},
+    # configs/ at the top level is the one source; the wheel carries it as ldm/configs (found by name:
+    # --config demo/diffusion), and the demo weights as ldm/assets
+    packages=find_packages(include=["ldm", "ldm.*", "autoencoder", "autoencoder.*"]) + ["ldm.configs"],
+    package_dir={"ldm.configs": "configs"},
+    package_data={"ldm": ["assets/*.safetensors", "assets/*.json"], "ldm.configs": ["*.yaml", "*/*.yaml"]},
     include_package_data=True,
     install_requires=[
         "torch>=2.1",
@@ -33,11 +36,5 @@ setup(
         "plots": ["matplotlib>=3.5"],
         "tensorboard": ["tensorboard>=2.10"],
     },
-    entry_points={
-        "console_scripts": [
-            "ldm-train-autoencoder=scripts.train_autoencoder:main",
-            "ldm-train-diffusion=scripts.train_diffusion:main",
-            "ldm-txt2img=scripts.txt2img:main",
-        ]
-    },
+    entry_points={"console_scripts": ["ldm=ldm.cli:main"]},
 )

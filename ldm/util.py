@@ -116,15 +116,39 @@ def check_targets(config: Any, source: str | os.PathLike, path: str = "config") 
             )
 
 
+def configs_dir() -> str:
+    """The shipped configs: ``ldm/configs/`` inside an installed wheel, else the checkout's top-level ``configs/``
+    (the one source: the wheel's copy is made from it at build time)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    packaged = os.path.join(here, "configs")
+    return packaged if os.path.isdir(packaged) else os.path.join(os.path.dirname(here), "configs")
+
+
+def find_config(name: str | os.PathLike) -> str:
+    """A config file by path, or by the name of a shipped one (``demo/diffusion``, ``autoencoder/kl-f8.yaml``,
+    ``stable-diffusion/v2-inference``); ``FileNotFoundError`` listing the shipped names otherwise."""
+    name = os.fspath(name)
+    if os.path.isfile(name):
+        return name
+    root = configs_dir()
+    for candidate in (name, name + ".yaml"):
+        path = os.path.join(root, candidate)
+        if os.path.isfile(path):
+            return path
+    shipped = sorted(os.path.relpath(os.path.join(folder, f), root)[: -len(".yaml")]
+                     for folder, _, files in os.walk(root) for f in files if f.endswith(".yaml"))
+    raise FileNotFoundError(f"config file not found: {name} (neither a file nor a shipped config: "
+                            f"{', '.join(shipped)})")
+
+
 def load_config(path: str | os.PathLike, overrides: list[str] | None = None, trusted: bool = True) -> DictConfig:
     """Read a YAML config with OmegaConf; ``overrides`` are dotlist items such as ``model.params.lr=1e-4``.
 
-    ``trusted=False`` for a file the user did not write themselves (a run folder, a downloaded YAML): its targets
-    must then be on the allow-list (:func:`check_targets`).
+    ``path`` may also name a shipped config (:func:`find_config`: ``demo/diffusion``). ``trusted=False`` for a file
+    the user did not write themselves (a run folder, a downloaded YAML): its targets must then be on the allow-list
+    (:func:`check_targets`).
     """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"config file not found: {path}")
+    path = find_config(path)
     config = OmegaConf.load(path)
     if not trusted:
         check_targets(config, path)

@@ -198,18 +198,16 @@ def _open_clip_config(arch: str) -> dict | None:
 
 
 def load_sd_config(path: str | os.PathLike) -> dict:
-    """:func:`sd_config_to_ours` of a YAML file (read as plain data; nothing in it is imported)."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"Stable Diffusion config not found: {path}")
+    """:func:`sd_config_to_ours` of a YAML file, by path or shipped name (``stable-diffusion/v2-inference-v``), read
+    as plain data (nothing in it is imported)."""
+    from ldm.util import find_config
+
+    path = find_config(path)
     return sd_config_to_ours(OmegaConf.load(path), path)
 
 
 def stock_config_path(variant: str) -> str:
     """The original inference YAML of a named variant, shipped in ``configs/stable-diffusion/``."""
-    from ldm.training import repo_root
+    from ldm.util import find_config
 
-    path = repo_root() / "configs" / "stable-diffusion" / f"{variant}.yaml"
-    if not path.is_file():
-        raise FileNotFoundError(f"no stock config for variant {variant!r} ({path})")
-    return str(path)
+    return find_config(f"stable-diffusion/{variant}")
