@@ -28,13 +28,16 @@ setup(
         "numpy>=1.23",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout>=2", "scikit-image>=0.20", "psutil>=5", "matplotlib>=3.5"],
+        # wandb: the W&B logger's offline test runs in CI too; tensorboard: its image logging
+        "test": ["pytest>=7", "pytest-timeout>=2", "scikit-image>=0.20", "psutil>=5", "matplotlib>=3.5", "wandb>=0.16",
+                 "tensorboard>=2.10"],
         "gpu": ["xformers>=0.0.23"],
         "bench": ["diffusers>=0.30", "psutil>=5"],
         # checkpoint interop with diffusers folders and HF CLIP text encoders; the core never needs them
         "diffusers": ["diffusers>=0.30", "transformers>=4.40"],
         "plots": ["matplotlib>=3.5"],
         "tensorboard": ["tensorboard>=2.10"],
+        "wandb": ["wandb>=0.16"],
     },
     entry_points={"console_scripts": ["ldm=ldm.cli:main"]},
 )

@@ -66,6 +66,7 @@ LIGHTNING_KEYS: dict[str, tuple[type, Any]] = {
     "scale_lr": (bool, False),
     "scale_factor_batches": (int, 8),
     "export_dtype": (str, "float32"),
+    "logger": (str, "auto"),  # or a list: csv, tensorboard, wandb
 }
 # What a --resume may change (the rest of a resumed run's config must match its config.yaml).
 RESUMABLE_LIGHTNING_KEYS = ("max_steps", "max_minutes", "log_every", "checkpoint_every", "image_every",
@@ -91,6 +92,8 @@ def _typed(value: Any, kind: type, where: str) -> Any:
             return tuple(value)
     elif isinstance(value, str):
         return value
+    elif where == "lightning.logger" and isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return tuple(value)
     names = {bool: "true or false", int: "a whole number", float: "a number", str: "a string",
              list: "a list of whole numbers"}
     raise ConfigError(f"{where}: expected {names[kind]}, got {value!r} ({type(value).__name__})")
@@ -345,10 +348,11 @@ class ImageGridLogger(Callback):
         if step == self._last_step or step % self.every_n_steps != 0 or not trainer.is_global_zero:
             return
         self._last_step = step
-        self.log_now(pl_module, batch, step)
+        self.log_now(pl_module, batch, step, trainer.loggers)
 
     @torch.no_grad()
-    def log_now(self, pl_module, batch, step: int) -> list[Path]:
+    def log_now(self, pl_module, batch, step: int, loggers: Iterable[Any] = ()) -> list[Path]:
+        """Write the grids as PNG and send them to ``loggers`` (TensorBoard, W&B) too."""
         import torchvision
 
         if not hasattr(pl_module, "log_images"):
@@ -373,6 +377,7 @@ class ImageGridLogger(Callback):
             path = self.image_dir / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', key)}_step{step:06d}.png"
             atomic_write(path, lambda tmp: torchvision.utils.save_image(grid, tmp, format="png"))
             paths.append(path)
+            log_image(loggers, key, grid, step)
         self.saved.extend(paths)
         return paths
 
@@ -391,6 +396,17 @@ class SkippedImagesReport(Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         if self.dataset.num_skipped and trainer.is_global_zero:
             log.warning("training data: %s", self.dataset.skip_summary())
+
+
+def log_image(loggers: Iterable[Any], key: str, grid: torch.Tensor, step: int) -> None:
+    """Send an image grid ``[3, H, W]`` in [0, 1] to every logger that takes images (TensorBoard, W&B)."""
+    for logger in loggers:
+        kind = type(logger).__name__
+        if kind == "TensorBoardLogger":
+            logger.experiment.add_image(key, grid.clamp(0, 1), global_step=step)
+        elif kind == "WandbLogger":
+            image = (grid.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+            logger.log_image(key=key, images=[image], step=step)
 
 
 class StepTimer(Callback):
@@ -427,6 +443,45 @@ def _tensorboard_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+LOGGERS = ("csv", "tensorboard", "wandb")
+
+
+def build_loggers(run_dir: str | os.PathLike, names: str | Iterable[str] = "auto") -> list:
+    """Lightning loggers writing under ``run_dir/logs``: ``csv`` (``version_<N>/metrics.csv``, a new folder per fit
+    call, so a resumed run keeps the earlier sessions' rows), ``tensorboard`` (``logs/tensorboard``), ``wandb``
+    (Weights & Biases through Lightning's ``WandbLogger``; ``WANDB_MODE=offline`` keeps the run in ``logs/wandb``).
+    ``auto``: csv, and tensorboard when it is installed."""
+    from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+
+    names = [names] if isinstance(names, str) else list(names)
+    if names == ["auto"]:
+        names = ["csv"] + (["tensorboard"] if _tensorboard_available() else [])
+    unknown = [n for n in names if n not in LOGGERS]
+    if unknown:
+        raise ConfigError(f"lightning.logger: unknown logger(s) {unknown}; choose from {', '.join(LOGGERS)} or auto")
+    run_dir = Path(run_dir)
+    loggers = []
+    for name in dict.fromkeys(names):
+        if name == "csv":
+            loggers.append(CSVLogger(save_dir=str(run_dir), name="logs"))
+        elif name == "tensorboard":
+            if not _tensorboard_available():
+                raise ConfigError("lightning.logger tensorboard needs tensorboard: pip install -e '.[tensorboard]'")
+            loggers.append(TensorBoardLogger(save_dir=str(run_dir), name="logs", version="tensorboard",
+                                             default_hp_metric=False))
+        else:
+            try:
+                import wandb  # noqa: F401
+            except ImportError:
+                raise ConfigError("lightning.logger wandb needs wandb: pip install -e '.[wandb]'") from None
+            from pytorch_lightning.loggers import WandbLogger
+
+            (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+            loggers.append(WandbLogger(save_dir=str(run_dir / "logs"), name=run_dir.name,
+                                       project=os.environ.get("WANDB_PROJECT", "latent-diffusion-lab")))
+    return loggers
 
 
 class StepCheckpoints(ModelCheckpoint):
@@ -488,6 +543,7 @@ def build_trainer(
     train_loader: torch.utils.data.DataLoader | None = None,
     keep_last_n: int | None = None,
     keep_steps: Iterable[int] = (),
+    logger: str | Iterable[str] = "auto",
     **trainer_kwargs: Any,
 ) -> pl.Trainer:
     """A step-bound Lightning ``Trainer`` writing into ``run_dir`` (see the module docstring for the layout).
@@ -501,8 +557,6 @@ def build_trainer(
     Validation runs every ``val_every`` optimizer steps (never when ``None``). ``precision`` goes through
     ``resolve_precision`` (bf16 only where the CPU supports it, never fp16 on CPU).
     """
-    from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
-
     if max_steps < 1:
         raise ValueError(f"max_steps must be >= 1, got {max_steps}")
     if log_every < 1 or checkpoint_every < 1:
@@ -537,9 +591,7 @@ def build_trainer(
     callbacks.extend(extra_callbacks)
     # a new logs/version_<N>/ per fit call: CSVLogger deletes an existing metrics.csv in its folder, and a
     # resumed run must keep the history of the earlier sessions
-    loggers = [CSVLogger(save_dir=str(run_dir), name="logs")]
-    if _tensorboard_available():
-        loggers.append(TensorBoardLogger(save_dir=str(run_dir), name="logs", version="tensorboard", default_hp_metric=False))
+    loggers = build_loggers(run_dir, logger)
 
     validation = {}
     if val_every is None:
@@ -598,6 +650,7 @@ def trainer_from_settings(run_dir: str | os.PathLike, settings: Mapping[str, Any
         train_loader=train_loader,
         keep_last_n=settings["keep_last_n"],
         keep_steps=settings["keep_steps"],
+        logger=settings["logger"],
         **kwargs,
     )
 

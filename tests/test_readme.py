@@ -22,6 +22,12 @@ def _commands():
             line = line.split("  #")[0].strip()
             if line.startswith(".venv/bin/python scripts/"):
                 yield line
+            elif line.startswith("ldm ") and not line.startswith("ldm --help"):  # ldm <command> -> its module
+                from ldm.cli import COMMANDS
+
+                name = line.split()[1]
+                assert name in COMMANDS, f"README names an ldm command that does not exist: {line}"
+                yield f".venv/bin/python scripts/{COMMANDS[name][0]}.py " + " ".join(line.split()[2:])
 
 
 def test_python_blocks_run_as_pasted(tmp_path, monkeypatch):

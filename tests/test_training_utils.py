@@ -214,3 +214,27 @@ def test_build_dataloaders_accepts_both_layouts(monkeypatch):
         build_dataloaders({"params": {"batch_size": 4}})
     with pytest.raises(ValueError, match="fewer than one batch"):
         build_dataloaders({"batch_size": 64, "train": node})
+
+
+def test_loggers_by_name_and_image_grids_reach_them(tmp_path, monkeypatch):
+    """lightning.logger picks csv / tensorboard / wandb (W&B offline writes its run folder); grids go to them."""
+    pytest.importorskip("tensorboard", reason="the tensorboard extra is not installed")
+    pytest.importorskip("wandb", reason="the wandb extra is not installed (pip install -e '.[wandb]')")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = tmp_path / "run"
+    trainer = _trainer(run, max_steps=2, image_every=2, logger=["csv", "tensorboard", "wandb"])
+    assert [type(x).__name__ for x in trainer.loggers] == ["CSVLogger", "TensorBoardLogger", "WandbLogger"]
+    trainer.fit(Regressor(), _loader())
+    import wandb
+
+    wandb.finish()
+    offline = list((run / "logs" / "wandb").glob("offline-run-*"))
+    assert offline and any(p.suffix == ".wandb" for p in offline[0].iterdir())
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "logs" / "tensorboard")).Reload()
+    assert "pair" in events.Tags()["images"] and "single" in events.Tags()["images"]
+    with pytest.raises(training.ConfigError, match="unknown logger"):
+        training.build_loggers(run, "mlflow")
+    assert [type(x).__name__ for x in training.build_loggers(run, "csv")] == ["CSVLogger"]
