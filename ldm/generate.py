@@ -1,4 +1,4 @@
-"""Batched text-to-image generation where each image depends only on its own seed."""
+"""Batched text-to-image generation where each image depends only on its own seed (its own noise stream)."""
 
 from __future__ import annotations
 
@@ -11,12 +11,21 @@ from tqdm.auto import tqdm
 from ldm.models.latent_diffusion import LatentDiffusion
 
 
-def seeded_noise(shape: Sequence[int], seeds: Sequence[int]) -> torch.Tensor:
-    """``[len(seeds), *shape]`` standard normal noise, row k drawn from a CPU generator seeded ``seeds[k]``.
+def seeded_generators(seeds: Sequence[int]) -> list[torch.Generator]:
+    """One CPU generator per image, seeded with its seed: its starting noise and every noise a sampler draws for it
+    come from it alone (A1111's per-image generators), so an image is the same alone and inside any batch, and on
+    any device."""
+    return [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+
+def seeded_noise(shape: Sequence[int], seeds: Sequence[int] | None = None,
+                 generators: Sequence[torch.Generator] | None = None) -> torch.Tensor:
+    """``[N, *shape]`` standard normal noise, row k drawn from generator k (or a CPU generator seeded ``seeds[k]``).
 
     Drawn on the CPU so the same seed gives the same image on any device.
     """
-    return torch.stack([torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+    generators = seeded_generators(seeds) if generators is None else generators
+    return torch.stack([torch.randn(tuple(shape), generator=g) for g in generators])
 
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -63,11 +72,11 @@ def generate(
     for first in tqdm(batches, desc="batches", disable=not progress or len(batches) == 1):
         chunk_prompts = list(prompts[first : first + batch_size])
         chunk_seeds = list(seeds[first : first + batch_size])
-        x_T = seeded_noise(latent_shape, chunk_seeds)
-        generator = torch.Generator().manual_seed(int(chunk_seeds[0]))
+        generators = seeded_generators(chunk_seeds)
+        x_T = seeded_noise(latent_shape, generators=generators)  # then the samplers' noise continues each stream
         with autocast or nullcontext():
             latents = model.sample(
-                chunk_prompts, sampler, guidance_scale=guidance_scale, x_T=x_T, generator=generator,
+                chunk_prompts, sampler, guidance_scale=guidance_scale, x_T=x_T, generator=generators,
                 progress=progress, decode=False,
             )
         pixels = model.decode_latents(latents.to(decode_dtype))

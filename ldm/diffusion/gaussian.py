@@ -13,7 +13,7 @@ with correctly rounded coefficients. Results have the dtype of ``x``.
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -60,11 +60,19 @@ def cast_like(c: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return c.to(device=like.device, dtype=like.dtype)
 
 
-def randn_like(x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def randn_like(x: torch.Tensor, generator: Optional[torch.Generator | Sequence[torch.Generator]] = None) -> torch.Tensor:
     """Standard normal noise shaped like ``x``; drawn on the generator's device (so a CPU generator gives the same
-    numbers for CPU and GPU runs), then moved to ``x``'s device."""
+    numbers for CPU and GPU runs), then moved to ``x``'s device.
+
+    ``generator`` may be a sequence of one generator per row of ``x`` (``len == x.shape[0]``): row ``k`` is drawn
+    from generator ``k`` alone, so an image's noise does not depend on which other images share its batch.
+    """
     if generator is None:
         return torch.randn_like(x)
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != x.shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {x.shape[0]}: give one per row")
+        return torch.stack([randn_like(row, g) for row, g in zip(x, generator)])
     noise = torch.randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype)
     return noise.to(x.device)
 

@@ -226,6 +226,7 @@ class LatentDiffusion(nn.Module):
         ``sampler`` is an object with the shared ``.sample(model_fn, x_T, cond, generator, progress, callback)``
         signature, or a config node / name understood by :func:`ldm.diffusion.build_sampler`.
         Guidance: ``eps = eps(x, t, "") + s * (eps(x, t, prompt) - eps(x, t, ""))`` in one batched call.
+        ``generator``: one generator, or one per prompt (each image's noise from its own stream).
         """
         if isinstance(sampler, (str, Mapping)):
             sampler = self.build_sampler(sampler)
@@ -236,7 +237,10 @@ class LatentDiffusion(nn.Module):
         context = context.to(device)
         if x_T is None:
             shape = (batch, *self.latent_shape(height, width))
-            x_T = torch.randn(shape, generator=generator, device=generator.device if generator else device)
+            if isinstance(generator, (list, tuple)):  # one stream per image
+                x_T = torch.stack([torch.randn(shape[1:], generator=g, device=g.device) for g in generator])
+            else:
+                x_T = torch.randn(shape, generator=generator, device=generator.device if generator else device)
         x_T = x_T.to(device=device, dtype=next(self.unet.parameters()).dtype)
         if guidance_scale is None or guidance_scale == 1.0:
             model_fn, cond = self.model_fn, context
