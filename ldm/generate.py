@@ -58,14 +58,19 @@ def generate(
     autocast: Any = None,
     progress: bool = True,
     decode_dtype: torch.dtype = torch.float32,
+    init_images: torch.Tensor | None = None,
+    strength: float = 1.0,
 ) -> torch.Tensor:
     """Sample one image per ``(prompt, seed)`` pair; returns ``[N,3,H,W]`` pixels in [-1, 1] on the CPU.
 
-    The UNet may run under ``autocast`` (bf16/fp16); latents are decoded in ``decode_dtype``
-    (float32 by default: fp16 VAE decoders overflow into black images).
+    With ``init_images`` (``[N,3,H,W]`` in [-1, 1], one per prompt) each is edited instead (img2img at
+    ``strength``, :meth:`LatentDiffusion.img2img`). The UNet may run under ``autocast`` (bf16/fp16); latents are
+    decoded in ``decode_dtype`` (float32 by default: fp16 VAE decoders overflow into black images).
     """
     if len(prompts) != len(seeds):
         raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
+    if init_images is not None and len(init_images) != len(prompts):
+        raise ValueError(f"got {len(prompts)} prompts but {len(init_images)} init images")
     latent_shape = model.latent_shape(height, width)
     outputs = []
     batches = range(0, len(prompts), batch_size)
@@ -73,12 +78,18 @@ def generate(
         chunk_prompts = list(prompts[first : first + batch_size])
         chunk_seeds = list(seeds[first : first + batch_size])
         generators = seeded_generators(chunk_seeds)
-        x_T = seeded_noise(latent_shape, generators=generators)  # then the samplers' noise continues each stream
         with autocast or nullcontext():
-            latents = model.sample(
-                chunk_prompts, sampler, guidance_scale=guidance_scale, x_T=x_T, generator=generators,
-                progress=progress, decode=False,
-            )
+            if init_images is None:
+                x_T = seeded_noise(latent_shape, generators=generators)  # the samplers' noise continues each stream
+                latents = model.sample(
+                    chunk_prompts, sampler, guidance_scale=guidance_scale, x_T=x_T, generator=generators,
+                    progress=progress, decode=False,
+                )
+            else:
+                latents = model.img2img(
+                    init_images[first : first + batch_size], chunk_prompts, sampler, strength,
+                    guidance_scale=guidance_scale, generator=generators, progress=progress, decode=False,
+                )
         pixels = model.decode_latents(latents.to(decode_dtype))
         outputs.append(pixels.float().clamp(-1, 1).cpu())
     return torch.cat(outputs)

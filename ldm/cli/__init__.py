@@ -65,6 +65,7 @@ COMMANDS = {
     "train-diffusion": ("train_diffusion", "train the text-conditioned UNet (stage 2)"),
     "export": ("export_diffusion", "write the EMA weights of any checkpoint of a run"),
     "txt2img": ("txt2img", "sample images from prompts"),
+    "img2img": ("img2img", "edit an image with a prompt (SDEdit)"),
     "evaluate": ("evaluate", "prompt accuracy on the shapes benchmark (and the sampler sweep)"),
     "layout-leak": ("layout_leak", "where a schedule stops hiding the layout"),
     "convert": ("convert_checkpoint", "convert between ours, Stable Diffusion single files and diffusers"),

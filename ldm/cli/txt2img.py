@@ -17,7 +17,8 @@ import json
 import logging
 import os
 import time
-
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -34,26 +35,25 @@ from ldm.util import add_allow_target_argument
 log = logging.getLogger("txt2img")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser(description: str, outdir: str) -> argparse.ArgumentParser:
+    """The options every generating command shares (txt2img, img2img): prompts, checkpoint, sampler, seeds,
+    output, device and precision."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="the text prompt")
     source.add_argument("--from-file", help="a text file with one prompt a line")
     parser.add_argument("--ckpt", default=None,
                         help=f"our .safetensors (config inside), an original Stable Diffusion .ckpt/.safetensors or a "
-                             f"diffusers folder; "
-                             f"default: {DEMO_CHECKPOINT}")
+                             f"diffusers folder; default: {DEMO_CHECKPOINT}")
     add_checkpoint_arguments(parser)
     parser.add_argument("--sampler", default="ddim", help=f"one of {sorted(SAMPLERS)}")
     parser.add_argument("--steps", type=int, default=50, help="sampling steps (DDPM uses all of the schedule's)")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like")
     parser.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (1 = off)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="image k of the run uses seed + k (its own noise stream)")
     parser.add_argument("--n-samples", type=int, default=1, help="images per prompt")
     parser.add_argument("--batch-size", type=int, default=8, help="images sampled at once")
-    parser.add_argument("--height", type=int, default=None, help="default: the model's training size")
-    parser.add_argument("--width", type=int, default=None)
-    parser.add_argument("--outdir", default="outputs/txt2img")
+    parser.add_argument("--outdir", default=outdir)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--precision", default="fp32", choices=PRECISIONS)
     parser.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"],
@@ -63,6 +63,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--no-progress", action="store_true", help="turn the progress bar off")
     add_allow_target_argument(parser)
     add_threads_argument(parser)
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser(__doc__, "outputs/txt2img")
+    parser.add_argument("--height", type=int, default=None, help="default: the model's training size")
+    parser.add_argument("--width", type=int, default=None)
     return parser.parse_args(argv)
 
 
@@ -96,11 +103,29 @@ def sampler_settings(args: argparse.Namespace) -> dict:
     return settings
 
 
-def main(argv=None) -> list[str]:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = parse_args(argv)
-    configure_threads(args.threads)
-    # Checks that need no model first: a wrong flag costs nothing.
+@dataclass
+class Session:
+    """What a generating command has set up before the first image: the model on its device, the sampler, the
+    jobs (one prompt per image) with their seeds, and how to run and decode."""
+
+    model: Any
+    sampler: Any
+    device: torch.device
+    autocast: Any
+    decode_dtype: torch.dtype
+    prompts: list[str]
+    jobs: list[str]
+    seeds: list[int]
+    ckpt: str
+
+    @property
+    def train_size(self) -> int:
+        return int(self.model.config.get("image_size", 64)) if self.model.config else 64
+
+
+def prepare(args: argparse.Namespace) -> Session:
+    """Check everything that needs no model, load it, build the sampler; ``SystemExit('error: ...')`` for a
+    user's mistake."""
     if args.sampler not in SAMPLERS:
         raise SystemExit(f"error: unknown sampler {args.sampler!r}; choose one of {sorted(SAMPLERS)}")
     if args.n_samples < 1 or args.batch_size < 1:
@@ -114,53 +139,71 @@ def main(argv=None) -> list[str]:
     ckpt = args.ckpt or DEMO_CHECKPOINT
     if not os.path.exists(ckpt):  # a file, or a diffusers folder
         raise SystemExit(f"error: checkpoint not found: {ckpt}")
-
     model = load_model(ckpt, config=args.config, parameterization=args.parameterization,
                        use_ema=args.use_ema or None).eval()
-    train_size = model.config.get("image_size", 64) if model.config else 64
-    height, width = args.height or train_size, args.width or train_size
     try:
-        model.latent_shape(height, width)
         sampler = model.build_sampler(sampler_settings(args))
     except ValueError as error:
         raise SystemExit(f"error: {error}")
     model.to(device)
     channels_last = args.channels_last == "on" or (args.channels_last == "auto" and device.type == "cuda")
     prepare_for_inference(model, channels_last=channels_last, compile=args.compile)
-
-    os.makedirs(args.outdir, exist_ok=True)
-    jobs = [prompt for prompt in prompts for _ in range(args.n_samples)]
-    seeds = [args.seed + k for k in range(len(jobs))]
     decode_dtype = torch.float32
     if device.type == "cuda" and args.precision == "fp16" and torch.cuda.is_bf16_supported():
         decode_dtype = torch.bfloat16  # fp16 VAE decoders overflow into black images
     model.first_stage_model.to(decode_dtype)
-    start = time.perf_counter()
-    images = generate(
-        model, jobs, sampler, seeds, guidance_scale=args.guidance, height=height, width=width,
-        batch_size=args.batch_size, autocast=autocast, progress=not args.no_progress, decode_dtype=decode_dtype,
-    )
+    jobs = [prompt for prompt in prompts for _ in range(args.n_samples)]
+    seeds = [args.seed + k for k in range(len(jobs))]
+    return Session(model, sampler, device, autocast, decode_dtype, prompts, jobs, seeds, ckpt)
+
+
+def save_outputs(session: Session, args: argparse.Namespace, images: torch.Tensor, extra: dict | None = None,
+                 seconds: float = 0.0) -> list[str]:
+    """Each image as PNG with the prompt and settings in its text metadata (``parameters`` as JSON, and each key
+    alone), plus ``grid.png``; returns the image paths."""
+    os.makedirs(args.outdir, exist_ok=True)
+    height, width = images.shape[-2:]
     written = []
-    for prompt, seed, image in zip(jobs, seeds, images):
+    for prompt, seed, image in zip(session.jobs, session.seeds, images):
         metadata = {
             "prompt": prompt,
             "seed": seed,
             "sampler": args.sampler,
-            "steps": sampler.num_model_evaluations if args.sampler == "ddpm" else args.steps,
+            "steps": session.sampler.num_model_evaluations if args.sampler == "ddpm" else args.steps,
             "eta": args.eta,
             "guidance": args.guidance,
-            "checkpoint": os.path.abspath(ckpt),
+            "checkpoint": os.path.abspath(session.ckpt),
             "precision": args.precision,
             "size": f"{width}x{height}",
+            **(extra or {}),
         }
         path = os.path.join(args.outdir, f"{len(written):05d}-seed{seed}.png")
         save_png_with_metadata(image, path, {"parameters": json.dumps(metadata), **{k: str(v) for k, v in metadata.items()}})
         written.append(path)
-    elapsed = time.perf_counter() - start
     grid_path = os.path.join(args.outdir, "grid.png")
-    save_grid(images, grid_path, nrow=max(1, args.n_samples if len(prompts) > 1 else min(len(images), 8)))
-    log.info("wrote %d images and %s in %.1f s (%.2f s/image)", len(written), grid_path, elapsed, elapsed / len(written))
+    save_grid(images, grid_path, nrow=max(1, args.n_samples if len(session.prompts) > 1 else min(len(images), 8)))
+    log.info("wrote %d images and %s in %.1f s (%.2f s/image)", len(written), grid_path, seconds,
+             seconds / max(1, len(written)))
     return written
+
+
+def main(argv=None) -> list[str]:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    configure_threads(args.threads)
+    session = prepare(args)
+    height, width = args.height or session.train_size, args.width or session.train_size
+    try:
+        session.model.latent_shape(height, width)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}")
+    start = time.perf_counter()
+    images = generate(
+        session.model, session.jobs, session.sampler, session.seeds, guidance_scale=args.guidance, height=height,
+        width=width, batch_size=args.batch_size, autocast=session.autocast, progress=not args.no_progress,
+        decode_dtype=session.decode_dtype,
+    )
+    return save_outputs(session, args, images, seconds=time.perf_counter() - start)
 
 
 if __name__ == "__main__":

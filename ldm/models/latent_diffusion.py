@@ -21,6 +21,11 @@ from ldm.diffusion import NoiseSchedule, build_sampler, classifier_free_guidance
 from ldm.util import ConfigError, check_keys, instantiate_from_config, to_container
 
 CONFIG_KEYS = ("autoencoder", "text_encoder", "unet", "schedule")
+
+
+def gaussian_noise(like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Standard normal noise shaped like ``like`` from ``generator``, drawn on its device (CPU: any device agrees)."""
+    return torch.randn(like.shape, generator=generator, device=generator.device)
 # the rest a model config may hold (image_size: the pixel size it was trained at; inpainting: a 9-channel UNet)
 OPTIONAL_CONFIG_KEYS = ("scale_factor", "parameterization", "sampler_defaults", "image_size", "inpainting")
 
@@ -219,6 +224,7 @@ class LatentDiffusion(nn.Module):
         callback: Callable | None = None,
         decode: bool = True,
         context: torch.Tensor | None = None,
+        first_step: int = 0,
     ) -> torch.Tensor:
         """Text -> images ``[B,3,H,W]``, decoded and not clamped (the decoder's output is close to [-1, 1] but may
         overshoot it slightly; clamp before saving), or latents when ``decode=False``.
@@ -247,8 +253,54 @@ class LatentDiffusion(nn.Module):
         else:
             model_fn = classifier_free_guidance(self.model_fn, guidance_scale)
             cond = (context, self.empty_context(batch).to(context.dtype))
-        latents = sampler.sample(model_fn, x_T, cond=cond, generator=generator, progress=progress, callback=callback)
+        latents = sampler.sample(model_fn, x_T, cond=cond, generator=generator, progress=progress, callback=callback,
+                                 first_step=first_step)
         return self.decode_latents(latents) if decode else latents
+
+    @torch.no_grad()
+    def img2img(
+        self,
+        images: torch.Tensor,
+        prompts: Sequence[str],
+        sampler: Any,
+        strength: float,
+        guidance_scale: float | None = 5.0,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
+        progress: bool = True,
+        decode: bool = True,
+    ) -> torch.Tensor:
+        """SDEdit: images ``[B,3,H,W]`` in [-1, 1] -> edited images (or latents when ``decode=False``).
+
+        The image is encoded (posterior mean), noised to the sampler's own grid and sampled from there: of ``n``
+        steps the last ``k = round(strength * n)`` are run, from ``x = sqrt(abar) z0 + sqrt(1 - abar) noise`` at the
+        noise level entering step ``n - k`` (SD's img2img and diffusers count steps the same way). The ends are
+        exact: ``k = 0`` returns the autoencoder's reconstruction of the image, ``k = n`` starts from pure noise and is
+        txt2img. ``generator``: one per image gives each image its own noise stream (the noise here is its first
+        draw, as txt2img's starting noise).
+        """
+        if not 0.0 <= float(strength) <= 1.0:
+            raise ValueError(f"strength must be in [0, 1], got {strength}")
+        if isinstance(sampler, (str, Mapping)):
+            sampler = self.build_sampler(sampler)
+        if images.ndim != 4 or images.shape[1] != 3 or images.shape[0] != len(prompts):
+            raise ValueError(f"images must be [len(prompts)={len(prompts)}, 3, H, W], got {tuple(images.shape)}")
+        self.latent_shape(images.shape[2], images.shape[3])  # a size the model can take, or the one multiple
+        z0 = self.encode_images(images.to(self.device, next(self.first_stage_model.parameters()).dtype), sample=False)
+        steps = sampler.num_steps
+        run = int(round(float(strength) * steps))
+        if run == 0:
+            return self.decode_latents(z0) if decode else z0
+        generators = generator if isinstance(generator, (list, tuple)) else [generator] * len(prompts)
+        noise = torch.stack([gaussian_noise(z0[0], g) for g in generators]) if generator is not None else \
+            torch.randn_like(z0)
+        first = steps - run
+        if first == 0:
+            x = noise  # all steps: txt2img's start, the image is not used
+        else:
+            abar = float(sampler.input_alpha_cumprod(first))
+            x = abar ** 0.5 * z0 + (1 - abar) ** 0.5 * noise.to(z0)
+        return self.sample(prompts, sampler, guidance_scale=guidance_scale, x_T=x, generator=generator,
+                           progress=progress, decode=decode, first_step=first)
 
     def build_sampler(self, spec: str | Mapping[str, Any], **overrides: Any) -> Any:
         """A sampler for this model's schedule and parameterization from a name or ``{name, ...}`` mapping."""

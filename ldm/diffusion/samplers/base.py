@@ -76,12 +76,13 @@ class Sampler:
 
     Shared call::
 
-        x0 = sampler.sample(model_fn, x_T, cond=None, generator=None, progress=True, callback=None)
+        x0 = sampler.sample(model_fn, x_T, cond=None, generator=None, progress=True, callback=None, first_step=0)
 
+    * ``first_step``: start part-way (``x_T`` is then the state entering that step, see :meth:`input_alpha_cumprod`).
     * ``model_fn(x_t [B, ...], t [B] int64 DDPM timesteps in 0..T-1, cond) -> output [B, ...]``;
       ``cond`` is passed through unchanged (wrap ``model_fn`` with
       :func:`ldm.diffusion.classifier_free_guidance` for guidance).
-    * ``generator``: optional ``torch.Generator`` used for all noise the sampler draws.
+    * ``generator``: optional ``torch.Generator`` used for all noise the sampler draws, or one per row of ``x_T``.
     * ``progress``: show a tqdm bar.
     * ``callback(step_index, t, x_t, pred_x0)`` after each step, with the step's input ``x_t`` and the x0 predicted
       from it (k-diffusion's convention).
@@ -146,6 +147,16 @@ class Sampler:
         """Float64 0-d ``abar_t``."""
         return self._alphas_cumprod[t]
 
+    def input_alpha_cumprod(self, index: int) -> torch.Tensor:
+        """Float64 0-d ``abar`` of the state entering step ``index``: ``sample(..., first_step=index)`` takes
+        ``x = sqrt(abar) x0 + sqrt(1 - abar) noise`` (how img2img starts part-way, SDEdit)."""
+        return self.alpha_cumprod(int(self._timesteps[index]))
+
+    def check_first_step(self, first_step: int) -> int:
+        if not 0 <= int(first_step) < self.num_steps:
+            raise ValueError(f"first_step must be in 0..{self.num_steps - 1}, got {first_step}")
+        return int(first_step)
+
     def denoise(
         self, model_fn: ModelFn, x_t: torch.Tensor, t: int, cond: Any = None
     ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -194,12 +205,18 @@ class Sampler:
         generator: Optional[torch.Generator] = None,
         progress: bool = True,
         callback: Optional[Callback] = None,
+        first_step: int = 0,
     ) -> torch.Tensor:
-        """Run the reverse process from ``x_T`` (standard normal noise at the first timestep) to ``x_0``."""
+        """Run the reverse process from ``x_T`` (standard normal noise at the first timestep) to ``x_0``.
+
+        ``first_step > 0`` skips the first steps: ``x_T`` is then the state entering that step
+        (:meth:`input_alpha_cumprod`), as img2img starts from a noised image."""
         self.check_x_T(x_T)
+        first_step = self.check_first_step(first_step)
         x = x_T
         timesteps = self._timesteps.tolist()
-        for index, t in enumerate(tqdm(timesteps, desc=type(self).__name__, disable=not progress, leave=False)):
+        steps = list(enumerate(timesteps))[first_step:]
+        for index, t in tqdm(steps, desc=type(self).__name__, disable=not progress, leave=False):
             pred_x0, pred_eps = self.denoise(model_fn, x, t, cond)
             x_prev = self.step(index, x, pred_x0, pred_eps, generator)
             if callback is not None:

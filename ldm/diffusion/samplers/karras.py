@@ -324,6 +324,10 @@ class KarrasSampler(Sampler):
 
     # -- the loop ----------------------------------------------------------------------------------------------------
 
+    def input_alpha_cumprod(self, index: int) -> torch.Tensor:
+        """``abar = 1 / (1 + sigma^2)`` of the grid's noise level ``index`` (float64 0-d)."""
+        return sigma_to_alpha_cumprod(self._sigmas[index])
+
     def sample(
         self,
         model_fn: ModelFn,
@@ -332,13 +336,17 @@ class KarrasSampler(Sampler):
         generator: Optional[torch.Generator] = None,
         progress: bool = True,
         callback: Optional[Callback] = None,
+        first_step: int = 0,
     ) -> torch.Tensor:
-        """Solve from ``x_T`` (DDPM space, standard normal at ``sigma_0``) to ``sigma = 0``; returns x0 ``[B, ...]``."""
+        """Solve from ``x_T`` (DDPM space, standard normal at ``sigma_0``, or the state entering ``first_step``) to
+        ``sigma = 0``; returns x0 ``[B, ...]``."""
         self.check_x_T(x_T)
-        x = cast_like((1 + self._sigmas[0] ** 2).sqrt(), x_T) * x_T
-        previous = None
+        first_step = self.check_first_step(first_step)
+        x = cast_like((1 + self._sigmas[first_step] ** 2).sqrt(), x_T) * x_T
+        previous = None  # a multistep solver starting part-way begins with a first-order step, as at sigma_0
         timesteps = self._timesteps.tolist()
-        for index in tqdm(range(self.num_steps), desc=type(self).__name__, disable=not progress, leave=False):
+        for index in tqdm(range(first_step, self.num_steps), desc=type(self).__name__, disable=not progress,
+                          leave=False):
             denoised = self.denoise_sigma(model_fn, x, index, cond)
             if callback is not None:
                 x_t = cast_like(sigma_to_alpha_cumprod(self._sigmas[index]).sqrt(), x) * x
