@@ -60,17 +60,21 @@ def generate(
     decode_dtype: torch.dtype = torch.float32,
     init_images: torch.Tensor | None = None,
     strength: float = 1.0,
+    masks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sample one image per ``(prompt, seed)`` pair; returns ``[N,3,H,W]`` pixels in [-1, 1] on the CPU.
 
-    With ``init_images`` (``[N,3,H,W]`` in [-1, 1], one per prompt) each is edited instead (img2img at
-    ``strength``, :meth:`LatentDiffusion.img2img`). The UNet may run under ``autocast`` (bf16/fp16); latents are
+    With ``init_images`` (``[N,3,H,W]`` in [-1, 1], one per prompt) each is edited instead: img2img at
+    ``strength`` (:meth:`LatentDiffusion.img2img`), or, with ``masks`` (``[N,1,H,W]``, 1 = repaint), inpainted
+    (:meth:`LatentDiffusion.inpaint`). The UNet may run under ``autocast`` (bf16/fp16); latents are
     decoded in ``decode_dtype`` (float32 by default: fp16 VAE decoders overflow into black images).
     """
     if len(prompts) != len(seeds):
         raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
     if init_images is not None and len(init_images) != len(prompts):
         raise ValueError(f"got {len(prompts)} prompts but {len(init_images)} init images")
+    if masks is not None and (init_images is None or len(masks) != len(prompts)):
+        raise ValueError("masks need init_images, one mask per prompt")
     latent_shape = model.latent_shape(height, width)
     outputs = []
     batches = range(0, len(prompts), batch_size)
@@ -78,6 +82,17 @@ def generate(
         chunk_prompts = list(prompts[first : first + batch_size])
         chunk_seeds = list(seeds[first : first + batch_size])
         generators = seeded_generators(chunk_seeds)
+        if masks is not None:
+            from ldm.inpainting import known_region_generators
+
+            with autocast or nullcontext():
+                pixels = model.inpaint(
+                    init_images[first : first + batch_size], masks[first : first + batch_size], chunk_prompts,
+                    sampler, guidance_scale=guidance_scale, generator=generators,
+                    known_generators=known_region_generators(chunk_seeds), progress=progress,
+                )
+            outputs.append(pixels.float().clamp(-1, 1).cpu())
+            continue
         with autocast or nullcontext():
             if init_images is None:
                 x_T = seeded_noise(latent_shape, generators=generators)  # the samplers' noise continues each stream

@@ -66,6 +66,7 @@ COMMANDS = {
     "export": ("export_diffusion", "write the EMA weights of any checkpoint of a run"),
     "txt2img": ("txt2img", "sample images from prompts"),
     "img2img": ("img2img", "edit an image with a prompt (SDEdit)"),
+    "inpaint": ("inpaint", "repaint the masked part of an image with a prompt"),
     "evaluate": ("evaluate", "prompt accuracy on the shapes benchmark (and the sampler sweep)"),
     "layout-leak": ("layout_leak", "where a schedule stops hiding the layout"),
     "convert": ("convert_checkpoint", "convert between ours, Stable Diffusion single files and diffusers"),

@@ -225,6 +225,8 @@ class LatentDiffusion(nn.Module):
         decode: bool = True,
         context: torch.Tensor | None = None,
         first_step: int = 0,
+        guide: Callable | None = None,
+        concat: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Text -> images ``[B,3,H,W]``, decoded and not clamped (the decoder's output is close to [-1, 1] but may
         overshoot it slightly; clamp before saving), or latents when ``decode=False``.
@@ -232,7 +234,8 @@ class LatentDiffusion(nn.Module):
         ``sampler`` is an object with the shared ``.sample(model_fn, x_T, cond, generator, progress, callback)``
         signature, or a config node / name understood by :func:`ldm.diffusion.build_sampler`.
         Guidance: ``eps = eps(x, t, "") + s * (eps(x, t, prompt) - eps(x, t, ""))`` in one batched call.
-        ``generator``: one generator, or one per prompt (each image's noise from its own stream).
+        ``generator``: one generator, or one per prompt (each image's noise from its own stream). ``first_step``,
+        ``guide``: see :meth:`Sampler.sample`; ``concat [B, k, h, w]``: extra UNet input channels (inpainting UNets).
         """
         if isinstance(sampler, (str, Mapping)):
             sampler = self.build_sampler(sampler)
@@ -248,13 +251,18 @@ class LatentDiffusion(nn.Module):
             else:
                 x_T = torch.randn(shape, generator=generator, device=generator.device if generator else device)
         x_T = x_T.to(device=device, dtype=next(self.unet.parameters()).dtype)
+        base_fn = self.model_fn
+        if concat is not None:  # a 9-channel inpainting UNet also sees the mask and the masked image's latents
+            from ldm.inpainting import concat_conditioning
+
+            base_fn = concat_conditioning(self.model_fn, concat.to(device))
         if guidance_scale is None or guidance_scale == 1.0:
-            model_fn, cond = self.model_fn, context
+            model_fn, cond = base_fn, context
         else:
-            model_fn = classifier_free_guidance(self.model_fn, guidance_scale)
+            model_fn = classifier_free_guidance(base_fn, guidance_scale)
             cond = (context, self.empty_context(batch).to(context.dtype))
         latents = sampler.sample(model_fn, x_T, cond=cond, generator=generator, progress=progress, callback=callback,
-                                 first_step=first_step)
+                                 first_step=first_step, guide=guide)
         return self.decode_latents(latents) if decode else latents
 
     @torch.no_grad()
@@ -301,6 +309,58 @@ class LatentDiffusion(nn.Module):
             x = abar ** 0.5 * z0 + (1 - abar) ** 0.5 * noise.to(z0)
         return self.sample(prompts, sampler, guidance_scale=guidance_scale, x_T=x, generator=generator,
                            progress=progress, decode=decode, first_step=first)
+
+    @torch.no_grad()
+    def inpaint(
+        self,
+        images: torch.Tensor,
+        masks: torch.Tensor,
+        prompts: Sequence[str],
+        sampler: Any,
+        guidance_scale: float | None = 5.0,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
+        known_generators: Sequence[torch.Generator] | None = None,
+        progress: bool = True,
+        callback: Callable | None = None,
+    ) -> torch.Tensor:
+        """Repaint ``images [B,3,H,W]`` (in [-1, 1]) where ``masks [B,1,H,W]`` is 1; returns pixels ``[B,3,H,W]``.
+
+        A 9-channel inpainting model (``config["inpainting"]``, SD's inpainting checkpoints) conditions on the mask
+        and the masked image; any other model gets the known region put back at every step
+        (:mod:`ldm.inpainting`). The known pixels are pasted back through a feathered mask after decoding.
+        ``generator``: the samplers' noise, one per image for per-image streams; ``known_generators``: the known
+        region's noise (one per image; :func:`ldm.inpainting.known_region_generators`).
+        """
+        from ldm.inpainting import feathered, known_region_guide, latent_mask, prepare_mask
+
+        if isinstance(sampler, (str, Mapping)):
+            sampler = self.build_sampler(sampler)
+        if images.ndim != 4 or images.shape[1] != 3 or images.shape[0] != len(prompts):
+            raise ValueError(f"images must be [len(prompts)={len(prompts)}, 3, H, W], got {tuple(images.shape)}")
+        shape = self.latent_shape(images.shape[2], images.shape[3])
+        masks = prepare_mask(masks, tuple(images.shape[-2:])).to(images)
+        dtype = next(self.first_stage_model.parameters()).dtype
+        images_in = images.to(self.device, dtype)
+        z0 = self.encode_images(images_in, sample=False)
+        generators = generator if isinstance(generator, (list, tuple)) else None
+        if generators is not None:
+            x_T = torch.stack([torch.randn(shape, generator=g, device=g.device) for g in generators])
+        else:
+            x_T = torch.randn((len(prompts), *shape), generator=generator)
+        common = dict(guidance_scale=guidance_scale, x_T=x_T, generator=generator, progress=progress,
+                      callback=callback, decode=False)
+        if self.config and self.config.get("inpainting"):
+            small = torch.nn.functional.interpolate(masks, size=z0.shape[-2:], mode="nearest").to(z0)
+            masked = self.encode_images(images_in * (1 - masks.to(images_in)), sample=False)
+            latents = self.sample(prompts, sampler, concat=torch.cat([small, masked], dim=1), **common)
+        else:
+            cells = latent_mask(masks, tuple(z0.shape[-2:])).to(z0)
+            latents = self.sample(prompts, sampler, guide=known_region_guide(z0, cells, sampler, known_generators),
+                                  **common)
+            latents = cells * latents + (1 - cells) * z0
+        pixels = self.decode_latents(latents).float().cpu()
+        weight = feathered(masks.float().cpu())
+        return weight * pixels + (1 - weight) * images.float().cpu()
 
     def build_sampler(self, spec: str | Mapping[str, Any], **overrides: Any) -> Any:
         """A sampler for this model's schedule and parameterization from a name or ``{name, ...}`` mapping."""

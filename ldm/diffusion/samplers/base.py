@@ -76,9 +76,11 @@ class Sampler:
 
     Shared call::
 
-        x0 = sampler.sample(model_fn, x_T, cond=None, generator=None, progress=True, callback=None, first_step=0)
+        x0 = sampler.sample(model_fn, x_T, cond=None, generator=None, progress=True, callback=None, first_step=0,
+                            guide=None)
 
     * ``first_step``: start part-way (``x_T`` is then the state entering that step, see :meth:`input_alpha_cumprod`).
+    * ``guide(index, x_t) -> x_t``: optional, changes the state entering each step (inpainting's known region).
     * ``model_fn(x_t [B, ...], t [B] int64 DDPM timesteps in 0..T-1, cond) -> output [B, ...]``;
       ``cond`` is passed through unchanged (wrap ``model_fn`` with
       :func:`ldm.diffusion.classifier_free_guidance` for guidance).
@@ -206,17 +208,21 @@ class Sampler:
         progress: bool = True,
         callback: Optional[Callback] = None,
         first_step: int = 0,
+        guide: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None,
     ) -> torch.Tensor:
         """Run the reverse process from ``x_T`` (standard normal noise at the first timestep) to ``x_0``.
 
         ``first_step > 0`` skips the first steps: ``x_T`` is then the state entering that step
-        (:meth:`input_alpha_cumprod`), as img2img starts from a noised image."""
+        (:meth:`input_alpha_cumprod`), as img2img starts from a noised image. ``guide(index, x_t) -> x_t`` may
+        change the state entering each step (DDPM space), as inpainting puts the known region back."""
         self.check_x_T(x_T)
         first_step = self.check_first_step(first_step)
         x = x_T
         timesteps = self._timesteps.tolist()
         steps = list(enumerate(timesteps))[first_step:]
         for index, t in tqdm(steps, desc=type(self).__name__, disable=not progress, leave=False):
+            if guide is not None:
+                x = guide(index, x)
             pred_x0, pred_eps = self.denoise(model_fn, x, t, cond)
             x_prev = self.step(index, x, pred_x0, pred_eps, generator)
             if callback is not None:

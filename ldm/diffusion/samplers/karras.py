@@ -337,6 +337,7 @@ class KarrasSampler(Sampler):
         progress: bool = True,
         callback: Optional[Callback] = None,
         first_step: int = 0,
+        guide=None,
     ) -> torch.Tensor:
         """Solve from ``x_T`` (DDPM space, standard normal at ``sigma_0``, or the state entering ``first_step``) to
         ``sigma = 0``; returns x0 ``[B, ...]``."""
@@ -347,6 +348,9 @@ class KarrasSampler(Sampler):
         timesteps = self._timesteps.tolist()
         for index in tqdm(range(first_step, self.num_steps), desc=type(self).__name__, disable=not progress,
                           leave=False):
+            if guide is not None:  # the guide works in DDPM space, x_t = x / sqrt(1 + sigma^2)
+                scale = cast_like((1 + self._sigmas[index] ** 2).sqrt(), x)
+                x = guide(index, x / scale) * scale
             denoised = self.denoise_sigma(model_fn, x, index, cond)
             if callback is not None:
                 x_t = cast_like(sigma_to_alpha_cumprod(self._sigmas[index]).sqrt(), x) * x
