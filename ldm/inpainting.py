@@ -97,3 +97,48 @@ def concat_conditioning(model_fn: Callable, extra: torch.Tensor) -> Callable:
         return model_fn(torch.cat([x_t, extra.to(x_t).repeat(repeats, 1, 1, 1)], dim=1), t, cond)
 
     return wrapped
+
+
+def random_masks(batch: int, height: int, width: int, generator: torch.Generator | None = None,
+                 whole_prob: float = 0.25) -> torch.Tensor:
+    """Training masks ``[batch, 1, height, width]`` (1 = repaint), SD's inpainting recipe in miniature: the whole
+    image with probability ``whole_prob``, else one to three boxes (a quarter to three quarters of a side) and,
+    half the time, a stroke (a bar of random thickness across the image)."""
+    def draw(high: int) -> int:
+        return int(torch.randint(0, max(1, high), (), generator=generator))
+
+    masks = torch.zeros(batch, 1, height, width)
+    for mask in masks:
+        if float(torch.rand((), generator=generator)) < whole_prob:
+            mask.fill_(1)
+            continue
+        for _ in range(1 + draw(3)):
+            box_h = height // 4 + draw(height // 2 + 1)
+            box_w = width // 4 + draw(width // 2 + 1)
+            top, left = draw(height - box_h + 1), draw(width - box_w + 1)
+            mask[:, top:top + box_h, left:left + box_w] = 1
+        if float(torch.rand((), generator=generator)) < 0.5:
+            thickness = 2 + draw(max(1, height // 8))
+            if float(torch.rand((), generator=generator)) < 0.5:
+                start = draw(height - thickness + 1)
+                mask[:, start:start + thickness, :] = 1
+            else:
+                start = draw(width - thickness + 1)
+                mask[:, :, start:start + thickness] = 1
+    return masks
+
+
+def widen_input_conv(state_dict: dict, model: torch.nn.Module,
+                     key: str = "model.diffusion_model.input_blocks.0.0.weight") -> dict:
+    """Start an inpainting UNet (more input channels) from a text-to-image model's weights: the first conv's extra
+    input channels are zero, so the widened model computes exactly the base model's function at the start."""
+    own = model.state_dict()[key]
+    stored = state_dict.get(key)
+    if stored is None or stored.shape == own.shape:
+        return state_dict
+    if stored.shape[0] != own.shape[0] or stored.shape[2:] != own.shape[2:] or stored.shape[1] > own.shape[1]:
+        raise ValueError(f"{key}: cannot widen {tuple(stored.shape)} to {tuple(own.shape)}")
+    widened = torch.zeros(own.shape, dtype=stored.dtype)
+    widened[:, : stored.shape[1]] = stored
+    log.info("%s: %d input channels widened to %d (the new ones start at zero)", key, stored.shape[1], own.shape[1])
+    return {**state_dict, key: widened}

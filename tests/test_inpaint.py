@@ -131,3 +131,41 @@ def test_the_inpaint_command(tmp_path, scene):
     assert meta["mask"].endswith("mask.png") and meta["image"].endswith("in.png")
     with pytest.raises(SystemExit, match="--mask: no such file"):
         inpaint.main(["--image", str(tmp_path / "in.png"), "--mask", str(tmp_path / "nope.png"), "--prompt", "x"])
+
+
+def test_random_training_masks():
+    from ldm.inpainting import random_masks
+
+    masks = random_masks(64, 32, 32, torch.Generator().manual_seed(0))
+    assert masks.shape == (64, 1, 32, 32) and set(masks.unique().tolist()) <= {0.0, 1.0}
+    whole = (masks.flatten(1).mean(1) == 1).float().mean()
+    assert 0.1 < whole < 0.45  # about a quarter of the masks are the whole image
+    partial = masks[masks.flatten(1).mean(1) < 1]
+    assert (partial.flatten(1).mean(1) > 0).all()  # the others repaint something, not everything
+
+
+def test_an_inpainting_variant_starts_as_its_base_model_and_trains(trained, tmp_path):
+    """--init-from a text-to-image model: the 9-channel UNet's extra input channels start at zero (the same
+    function as the base model), and it trains on random masks."""
+    from safetensors.torch import load_file
+
+    from scripts import train_diffusion
+    from tests.helpers import TINY_DIFFUSION_CONFIG
+
+    base_path, _ = trained
+    options = ["--config", TINY_DIFFUSION_CONFIG, "--init-from", base_path, "--max-steps", "2",
+               "model.unet.params.in_channels=9", "model.inpainting=true", "lightning.image_every=2"]
+    out = train_diffusion.main(options[:4] + ["--run-dir", str(tmp_path / "zero")] + options[4:]
+                               + ["trainer.params.learning_rate=0.0"])
+    key = "model.diffusion_model.input_blocks.0.0.weight"
+    base, widened = load_file(base_path)[key], load_file(out)[key]
+    assert widened.shape[1] == 9 and torch.equal(widened[:, :4], base) and not widened[:, 4:].any()
+    nine, four = LatentDiffusion.from_checkpoint(out), LatentDiffusion.from_checkpoint(base_path)
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 90])
+    context = four.encode_text(["a red square", ""])
+    extra = torch.randn(2, 5, 8, 8)
+    torch.testing.assert_close(nine.model_fn(torch.cat([x, extra], 1), t, context), four.model_fn(x, t, context))
+    assert (tmp_path / "zero" / "images" / "inpaint_step000002.png").is_file()  # grids inpaint the batch
+
+    out = train_diffusion.main(options[:4] + ["--run-dir", str(tmp_path / "train")] + options[4:])
+    assert load_file(out)[key][:, 4:].abs().sum() > 0  # the new channels learn

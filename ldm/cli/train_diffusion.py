@@ -25,6 +25,7 @@ import torch
 from autoencoder import load_autoencoder
 from ldm.checkpoint import load_config_from_checkpoint, load_into, load_state_dict
 from ldm.cli import run
+from ldm.inpainting import widen_input_conv
 from ldm.interop import add_checkpoint_arguments, is_our_format, load_single_file
 from ldm.models.latent_diffusion import LatentDiffusion
 from ldm.run_folder import find_resume_checkpoint, make_run_dir, training_session
@@ -100,7 +101,10 @@ def build_model(model_config: dict, autoencoder_path: str | None = None, init_fr
             raise ValueError(f"--init-from {init_from}: not a whole-model file (its config has no autoencoder/scale_factor)")
         model = LatentDiffusion.from_config({**model_config, "autoencoder": stored["autoencoder"]},
                                             scale_factor=stored["scale_factor"])
-        load_into(model, load_state_dict(init_from), what=f"model config (--init-from {init_from})")
+        state = load_state_dict(init_from)
+        if model.config.get("inpainting"):  # an inpainting UNet started from a text-to-image model
+            state = widen_input_conv(state, model)
+        load_into(model, state, what=f"model config (--init-from {init_from})")
         return model
     autoencoder, scale_factor = load_autoencoder(autoencoder_path)  # no stored scale factor: a clear error
     full = {**model_config, "autoencoder": load_config_from_checkpoint(autoencoder_path)}

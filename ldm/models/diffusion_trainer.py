@@ -20,6 +20,7 @@ import torch
 
 from ldm.diffusion import diffusion_loss, high_noise_timestep_density, sample_timesteps
 from ldm.models.latent_diffusion import LatentDiffusion
+from ldm.inpainting import concat_conditioning, random_masks
 from ldm.modules.ema import EMA
 from ldm.training import set_base_learning_rate
 
@@ -137,6 +138,8 @@ class DiffusionTrainer(pl.LightningModule):
         self.guidance_scale = guidance_scale
         self.sample_size = (sample_height, sample_width)
         self._caption_rng = random.Random(0)
+        # a 9-channel UNet (model config "inpainting"): trained on random masks, sampled by inpainting
+        self.inpainting = bool((model.config or {}).get("inpainting"))
 
     # ---------------------------------------------------------------- data
     def _unpack(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, list[str]]:
@@ -162,6 +165,12 @@ class DiffusionTrainer(pl.LightningModule):
         (comparable across configs)."""
         images, captions = self._unpack(batch)
         latents = self.model.encode_images(images, sample=training)
+        model_fn = self.model.model_fn
+        if self.inpainting:  # the UNet also sees a random mask and the masked image's latents (SD's recipe)
+            masks = random_masks(images.shape[0], images.shape[2], images.shape[3], generator).to(images)
+            small = torch.nn.functional.interpolate(masks, size=latents.shape[-2:], mode="nearest")
+            masked = self.model.encode_images(images * (1 - masks), sample=False)
+            model_fn = concat_conditioning(self.model.model_fn, torch.cat([small, masked], dim=1))
         with torch.set_grad_enabled(training and self.cond_stage_trainable and torch.is_grad_enabled()):
             context = self.model.encode_text(self.drop_captions(captions) if training else captions)
         t = None
@@ -169,7 +178,7 @@ class DiffusionTrainer(pl.LightningModule):
             t = sample_timesteps(len(latents), self.model.schedule.num_timesteps, latents.device, generator,
                                  self.timestep_density)
         loss = diffusion_loss(
-            self.model.model_fn,
+            model_fn,
             self.model.schedule,
             latents,
             cond=context,
@@ -255,6 +264,18 @@ class DiffusionTrainer(pl.LightningModule):
         height, width = self.sample_size
         was_training = self.model.training
         self.model.eval()
+        if self.inpainting and batch is not None:  # inputs over their right halves repainted from their captions
+            images, captions = self._unpack(batch)
+            images, captions = images[:max_images], captions[:max_images]
+            masks = torch.zeros(images.shape[0], 1, *images.shape[2:])
+            masks[..., images.shape[-1] // 2:] = 1
+            try:
+                with self.ema_weights():
+                    out = self.model.inpaint(images, masks.to(images), captions, self.model.build_sampler(
+                        self.sampler_spec), guidance_scale=self.guidance_scale, generator=generator, progress=False)
+            finally:
+                self.model.train(was_training)
+            return {"inpaint": [images.float().cpu().clamp(-1, 1), out.clamp(-1, 1)]}
         try:
             with self.ema_weights():
                 samples = self.model.sample(
