@@ -61,12 +61,13 @@ def generate(
     init_images: torch.Tensor | None = None,
     strength: float = 1.0,
     masks: torch.Tensor | None = None,
+    jumps: int = 0,
 ) -> torch.Tensor:
     """Sample one image per ``(prompt, seed)`` pair; returns ``[N,3,H,W]`` pixels in [-1, 1] on the CPU.
 
     With ``init_images`` (``[N,3,H,W]`` in [-1, 1], one per prompt) each is edited instead: img2img at
     ``strength`` (:meth:`LatentDiffusion.img2img`), or, with ``masks`` (``[N,1,H,W]``, 1 = repaint), inpainted
-    (:meth:`LatentDiffusion.inpaint`). The UNet may run under ``autocast`` (bf16/fp16); latents are
+    (:meth:`LatentDiffusion.inpaint`; ``jumps``: RePaint's resampling). The UNet may run under ``autocast`` (bf16/fp16); latents are
     decoded in ``decode_dtype`` (float32 by default: fp16 VAE decoders overflow into black images).
     """
     if len(prompts) != len(seeds):
@@ -89,7 +90,7 @@ def generate(
                 pixels = model.inpaint(
                     init_images[first : first + batch_size], masks[first : first + batch_size], chunk_prompts,
                     sampler, guidance_scale=guidance_scale, generator=generators,
-                    known_generators=known_region_generators(chunk_seeds), progress=progress,
+                    known_generators=known_region_generators(chunk_seeds), progress=progress, jumps=jumps,
                 )
             outputs.append(pixels.float().clamp(-1, 1).cpu())
             continue

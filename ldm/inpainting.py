@@ -84,6 +84,21 @@ def known_region_guide(z0: torch.Tensor, mask: torch.Tensor, sampler: Any,
     return guide
 
 
+def renoise(x: torch.Tensor, abar_from: float, abar_to: float,
+            generators: Sequence[torch.Generator] | None = None) -> torch.Tensor:
+    """The forward process from noise level ``abar_from`` back to the noisier ``abar_to`` (RePaint's jump):
+    ``x' = sqrt(a) x + sqrt(1 - a) n`` with ``a = abar_to / abar_from``, so ``q(x' | x0)`` is the marginal at
+    ``abar_to``. ``n`` from each image's generator (or the global one)."""
+    ratio = abar_to / abar_from
+    if not 0 < ratio <= 1:
+        raise ValueError(f"renoise goes to a noisier level: abar_to {abar_to} must be <= abar_from {abar_from}")
+    if generators is None:
+        noise = torch.randn_like(x)
+    else:
+        noise = torch.stack([torch.randn(x.shape[1:], generator=g, device=g.device) for g in generators]).to(x)
+    return ratio ** 0.5 * x + (1 - ratio) ** 0.5 * noise
+
+
 def known_region_generators(seeds: Sequence[int]) -> list[torch.Generator]:
     """Each image's stream for the known region's noise: seeded from its seed, apart from the sampler's stream."""
     return [torch.Generator().manual_seed((int(s) * 1_000_003 + 17) % 2**63) for s in seeds]

@@ -169,3 +169,44 @@ def test_an_inpainting_variant_starts_as_its_base_model_and_trains(trained, tmp_
 
     out = train_diffusion.main(options[:4] + ["--run-dir", str(tmp_path / "train")] + options[4:])
     assert load_file(out)[key][:, 4:].abs().sum() > 0  # the new channels learn
+
+
+@pytest.mark.parametrize("name", ["ddim", "euler_a", "heun"])
+def test_a_run_split_at_last_step_is_the_same_run(name):
+    """last_step stops part-way and hands over the state in DDPM space: two halves equal one run."""
+    from ldm.diffusion import NoiseSchedule, build_sampler
+
+    schedule = NoiseSchedule("cosine", 100)
+    sampler = build_sampler(name, schedule, num_steps=6, **({"eta": 1.0} if name == "ddim" else {}))
+    model_fn = lambda x, t, cond: 0.3 * x + 0.01 * t.float().view(-1, 1, 1, 1)  # noqa: E731
+    x_T = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    whole = sampler.sample(model_fn, x_T, generator=[torch.Generator().manual_seed(s) for s in (1, 2)],
+                           progress=False)
+    streams = [torch.Generator().manual_seed(s) for s in (1, 2)]
+    half = sampler.sample(model_fn, x_T, generator=streams, progress=False, last_step=3)
+    rest = sampler.sample(model_fn, half, generator=streams, progress=False, first_step=3)
+    torch.testing.assert_close(rest, whole, rtol=1e-5, atol=1e-5)
+
+
+def test_renoise_reaches_the_noisier_marginal():
+    """x ~ q(x | x0) at abar 0.8, renoised to 0.3: mean sqrt(0.3) x0, variance 0.7 (Monte Carlo, float64)."""
+    from ldm.inpainting import renoise
+
+    x0 = torch.tensor([0.5, -1.0], dtype=torch.float64)
+    n = 200_000
+    x = 0.8 ** 0.5 * x0 + 0.2 ** 0.5 * torch.randn(n, 2, dtype=torch.float64)
+    y = renoise(x, 0.8, 0.3)
+    torch.testing.assert_close(y.mean(0), 0.3 ** 0.5 * x0, atol=0.01, rtol=0)
+    torch.testing.assert_close(y.var(0), torch.full((2,), 0.7, dtype=torch.float64), atol=0.01, rtol=0)
+    with pytest.raises(ValueError, match="noisier"):
+        renoise(x, 0.3, 0.8)
+
+
+def test_repaint_jumps_keep_the_input_and_change_the_result(model, scene):
+    image, mask = scene
+    prompts, sampler = ["a green square in the top left"], {"name": "ddim", "num_steps": 4}
+    plain = generate(model, prompts, sampler, [3], progress=False, init_images=image, masks=mask)
+    resampled = generate(model, prompts, sampler, [3], progress=False, init_images=image, masks=mask, jumps=2)
+    outside = (feathered(mask) == 0).expand_as(image)
+    assert torch.equal(resampled[outside], image[outside])
+    assert not torch.equal(resampled, plain)

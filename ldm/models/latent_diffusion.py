@@ -227,6 +227,7 @@ class LatentDiffusion(nn.Module):
         first_step: int = 0,
         guide: Callable | None = None,
         concat: torch.Tensor | None = None,
+        last_step: int | None = None,
     ) -> torch.Tensor:
         """Text -> images ``[B,3,H,W]``, decoded and not clamped (the decoder's output is close to [-1, 1] but may
         overshoot it slightly; clamp before saving), or latents when ``decode=False``.
@@ -262,7 +263,7 @@ class LatentDiffusion(nn.Module):
             model_fn = classifier_free_guidance(base_fn, guidance_scale)
             cond = (context, self.empty_context(batch).to(context.dtype))
         latents = sampler.sample(model_fn, x_T, cond=cond, generator=generator, progress=progress, callback=callback,
-                                 first_step=first_step, guide=guide)
+                                 first_step=first_step, guide=guide, last_step=last_step)
         return self.decode_latents(latents) if decode else latents
 
     @torch.no_grad()
@@ -322,6 +323,7 @@ class LatentDiffusion(nn.Module):
         known_generators: Sequence[torch.Generator] | None = None,
         progress: bool = True,
         callback: Callable | None = None,
+        jumps: int = 0,
     ) -> torch.Tensor:
         """Repaint ``images [B,3,H,W]`` (in [-1, 1]) where ``masks [B,1,H,W]`` is 1; returns pixels ``[B,3,H,W]``.
 
@@ -329,7 +331,9 @@ class LatentDiffusion(nn.Module):
         and the masked image; any other model gets the known region put back at every step
         (:mod:`ldm.inpainting`). The known pixels are pasted back through a feathered mask after decoding.
         ``generator``: the samplers' noise, one per image for per-image streams; ``known_generators``: the known
-        region's noise (one per image; :func:`ldm.inpainting.known_region_generators`).
+        region's noise (one per image; :func:`ldm.inpainting.known_region_generators`). ``jumps`` (any model but
+        the 9-channel ones): RePaint's resampling, each step redone ``jumps`` more times after going back to its
+        noise level (:func:`ldm.inpainting.renoise`), so the repainted region agrees with the kept one.
         """
         from ldm.inpainting import feathered, known_region_guide, latent_mask, prepare_mask
 
@@ -355,12 +359,35 @@ class LatentDiffusion(nn.Module):
             latents = self.sample(prompts, sampler, concat=torch.cat([small, masked], dim=1), **common)
         else:
             cells = latent_mask(masks, tuple(z0.shape[-2:])).to(z0)
-            latents = self.sample(prompts, sampler, guide=known_region_guide(z0, cells, sampler, known_generators),
-                                  **common)
+            guide = known_region_guide(z0, cells, sampler, known_generators)
+            if jumps:
+                latents = self._resampled(prompts, sampler, guide, jumps, known_generators, common)
+            else:
+                latents = self.sample(prompts, sampler, guide=guide, **common)
             latents = cells * latents + (1 - cells) * z0
         pixels = self.decode_latents(latents).float().cpu()
         weight = feathered(masks.float().cpu())
         return weight * pixels + (1 - weight) * images.float().cpu()
+
+    def _resampled(self, prompts, sampler, guide, jumps: int, generators, common: dict) -> torch.Tensor:
+        """RePaint's loop: step by step, each step taken ``jumps + 1`` times, going back to its noise level between."""
+        from ldm.inpainting import renoise
+
+        if jumps < 0:
+            raise ValueError(f"jumps must be >= 0, got {jumps}")
+        common = dict(common)
+        x = common.pop("x_T")
+        common["context"] = self.encode_text(prompts)
+        common["progress"] = False
+        for index in range(sampler.num_steps):
+            for jump in range(jumps + 1):
+                x_next = self.sample(prompts, sampler, x_T=x, first_step=index, last_step=index + 1, guide=guide,
+                                     **common)
+                if jump < jumps and index + 1 < sampler.num_steps:
+                    x = renoise(x_next, float(sampler.input_alpha_cumprod(index + 1)),
+                                float(sampler.input_alpha_cumprod(index)), generators)
+            x = x_next
+        return x
 
     def build_sampler(self, spec: str | Mapping[str, Any], **overrides: Any) -> Any:
         """A sampler for this model's schedule and parameterization from a name or ``{name, ...}`` mapping."""

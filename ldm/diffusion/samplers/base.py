@@ -77,10 +77,11 @@ class Sampler:
     Shared call::
 
         x0 = sampler.sample(model_fn, x_T, cond=None, generator=None, progress=True, callback=None, first_step=0,
-                            guide=None)
+                            guide=None, last_step=None)
 
     * ``first_step``: start part-way (``x_T`` is then the state entering that step, see :meth:`input_alpha_cumprod`).
     * ``guide(index, x_t) -> x_t``: optional, changes the state entering each step (inpainting's known region).
+    * ``last_step``: stop before that step, returning the state entering it (DDPM space).
     * ``model_fn(x_t [B, ...], t [B] int64 DDPM timesteps in 0..T-1, cond) -> output [B, ...]``;
       ``cond`` is passed through unchanged (wrap ``model_fn`` with
       :func:`ldm.diffusion.classifier_free_guidance` for guidance).
@@ -154,6 +155,12 @@ class Sampler:
         ``x = sqrt(abar) x0 + sqrt(1 - abar) noise`` (how img2img starts part-way, SDEdit)."""
         return self.alpha_cumprod(int(self._timesteps[index]))
 
+    def check_last_step(self, first_step: int, last_step: Optional[int]) -> int:
+        last_step = self.num_steps if last_step is None else int(last_step)
+        if not first_step < last_step <= self.num_steps:
+            raise ValueError(f"last_step must be in {first_step + 1}..{self.num_steps}, got {last_step}")
+        return last_step
+
     def check_first_step(self, first_step: int) -> int:
         if not 0 <= int(first_step) < self.num_steps:
             raise ValueError(f"first_step must be in 0..{self.num_steps - 1}, got {first_step}")
@@ -209,17 +216,21 @@ class Sampler:
         callback: Optional[Callback] = None,
         first_step: int = 0,
         guide: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None,
+        last_step: Optional[int] = None,
     ) -> torch.Tensor:
         """Run the reverse process from ``x_T`` (standard normal noise at the first timestep) to ``x_0``.
 
         ``first_step > 0`` skips the first steps: ``x_T`` is then the state entering that step
         (:meth:`input_alpha_cumprod`), as img2img starts from a noised image. ``guide(index, x_t) -> x_t`` may
-        change the state entering each step (DDPM space), as inpainting puts the known region back."""
+        change the state entering each step (DDPM space), as inpainting puts the known region back. ``last_step``:
+        stop before that step and return the state entering it (DDPM space; RePaint's resampling steps one at a
+        time)."""
         self.check_x_T(x_T)
         first_step = self.check_first_step(first_step)
+        last_step = self.check_last_step(first_step, last_step)
         x = x_T
         timesteps = self._timesteps.tolist()
-        steps = list(enumerate(timesteps))[first_step:]
+        steps = list(enumerate(timesteps))[first_step:last_step]
         for index, t in tqdm(steps, desc=type(self).__name__, disable=not progress, leave=False):
             if guide is not None:
                 x = guide(index, x)

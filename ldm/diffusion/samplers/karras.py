@@ -338,15 +338,17 @@ class KarrasSampler(Sampler):
         callback: Optional[Callback] = None,
         first_step: int = 0,
         guide=None,
+        last_step: Optional[int] = None,
     ) -> torch.Tensor:
         """Solve from ``x_T`` (DDPM space, standard normal at ``sigma_0``, or the state entering ``first_step``) to
         ``sigma = 0``; returns x0 ``[B, ...]``."""
         self.check_x_T(x_T)
         first_step = self.check_first_step(first_step)
+        last_step = self.check_last_step(first_step, last_step)
         x = cast_like((1 + self._sigmas[first_step] ** 2).sqrt(), x_T) * x_T
         previous = None  # a multistep solver starting part-way begins with a first-order step, as at sigma_0
         timesteps = self._timesteps.tolist()
-        for index in tqdm(range(first_step, self.num_steps), desc=type(self).__name__, disable=not progress,
+        for index in tqdm(range(first_step, last_step), desc=type(self).__name__, disable=not progress,
                           leave=False):
             if guide is not None:  # the guide works in DDPM space, x_t = x / sqrt(1 + sigma^2)
                 scale = cast_like((1 + self._sigmas[index] ** 2).sqrt(), x)
@@ -361,6 +363,8 @@ class KarrasSampler(Sampler):
 
             x = self.sigma_step(index, x, denoised, previous, denoise_next, generator)
             previous = denoised
+        if last_step < self.num_steps:  # stopped part-way: back to DDPM space at that noise level
+            x = x / cast_like((1 + self._sigmas[last_step] ** 2).sqrt(), x)
         return x
 
 
