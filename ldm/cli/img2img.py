@@ -56,6 +56,16 @@ def load_init_image(path: str, size: tuple[int, int] | None) -> torch.Tensor:
     return pil_to_tensor(image)
 
 
+def input_image(session, path: str, keep_size: bool, flag: str) -> torch.Tensor:
+    """The image to edit, ``[3, H, W]`` in [-1, 1], at the model's size or kept (then a size the model takes)."""
+    image = load_init_image(path, None if keep_size else (session.train_size, session.train_size))
+    try:
+        session.model.latent_shape(*image.shape[-2:])
+    except ValueError as error:
+        raise SystemExit(f"error: {flag} {path} with --keep-size: {error}")
+    return image
+
+
 def main(argv=None) -> list[str]:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
@@ -65,11 +75,7 @@ def main(argv=None) -> list[str]:
     if not os.path.isfile(args.init_img):
         raise SystemExit(f"error: --init-img: no such file {args.init_img}")
     session = prepare(args)
-    image = load_init_image(args.init_img, None if args.keep_size else (session.train_size, session.train_size))
-    try:
-        session.model.latent_shape(*image.shape[-2:])
-    except ValueError as error:
-        raise SystemExit(f"error: --init-img {args.init_img} with --keep-size: {error}")
+    image = input_image(session, args.init_img, args.keep_size, "--init-img")
     start = time.perf_counter()
     images = generate(
         session.model, session.jobs, session.sampler, session.seeds, guidance_scale=args.guidance,

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from ldm.cli import run
-from ldm.cli.img2img import load_init_image
+from ldm.cli.img2img import input_image
 from ldm.cli.txt2img import build_parser, prepare, save_outputs
 from ldm.generate import generate
 from ldm.threads import configure_threads
@@ -63,11 +63,7 @@ def main(argv=None) -> list[str]:
     if args.jumps < 0:
         raise SystemExit(f"error: --jumps must be >= 0, got {args.jumps}")
     session = prepare(args)
-    image = load_init_image(args.image, None if args.keep_size else (session.train_size, session.train_size))
-    try:
-        session.model.latent_shape(*image.shape[-2:])
-    except ValueError as error:
-        raise SystemExit(f"error: --image {args.image} with --keep-size: {error}")
+    image = input_image(session, args.image, args.keep_size, "--image")
     mask = load_mask(args.mask)
     count = len(session.jobs)
     start = time.perf_counter()
