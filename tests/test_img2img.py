@@ -111,3 +111,12 @@ def test_the_img2img_command(tmp_path, picture):
     kept = img2img.main(common + ["--init-img", str(path), "--keep-size", "--strength", "0.2",
                                   "--outdir", str(tmp_path / "f")])
     assert Image.open(kept[0]).size == (80, 80)  # a multiple of 16: kept
+
+
+def test_an_edited_image_is_the_same_alone_and_in_a_batch(model, picture):
+    sampler = model.build_sampler({"name": "euler_a", "num_steps": 4})
+    prompts = ["a blue square", "a green circle", "a white triangle"]
+    both = generate(model, prompts, sampler, [4, 5, 6], progress=False, init_images=picture.expand(3, -1, -1, -1),
+                    strength=0.6, batch_size=3)
+    alone = generate(model, prompts[1:2], sampler, [5], progress=False, init_images=picture, strength=0.6)
+    torch.testing.assert_close(both[1], alone[0], atol=1e-4, rtol=0)
