@@ -10,6 +10,7 @@ import errno
 import json
 import os
 import tempfile
+import zipfile
 from typing import Any, Mapping
 
 import torch
@@ -113,30 +114,101 @@ def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
         raise ValueError(f"{path}: not a model file (not a readable .safetensors file: {error})") from None
 
 
-def load_state_dict(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """Load tensors from ``.safetensors`` or, failing that, a pickle checkpoint with ``weights_only=True``.
+SAFETENSORS_MAX_HEADER = 100 * 2**20
 
-    Lightning/CompVis checkpoints keep the weights under ``"state_dict"``; that level is unwrapped.
+
+class CheckpointFormatError(ValueError):
+    """A file that is not a model checkpoint, or not the one its config describes."""
+
+
+def is_safetensors_file(path: str | os.PathLike) -> bool:
+    """A safetensors file starts with an 8-byte little-endian header length and a JSON header (``{``)."""
+    with open(path, "rb") as handle:
+        head = handle.read(9)
+    if len(head) < 9:
+        return False
+    size = int.from_bytes(head[:8], "little")
+    return 0 < size <= min(SAFETENSORS_MAX_HEADER, os.path.getsize(path) - 8) and head[8:9] == b"{"
+
+
+def _looks_like_legacy_pickle(path: str) -> bool:
+    with open(path, "rb") as handle:
+        return handle.read(2) in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
+
+
+def load_state_dict(
+    path: str | os.PathLike, map_location: str | torch.device = "cpu", lazy: bool = False
+) -> Mapping[str, torch.Tensor]:
+    """Every tensor in a checkpoint file, judged by its content, not its name: safetensors, or a ``torch.save``
+    archive read with ``torch.load(weights_only=True)`` (a Lightning/CompVis ``state_dict`` level is unwrapped).
+    ``CheckpointFormatError`` (a ``ValueError``) naming the file for anything else: a text file, a truncated
+    download, a pickle that would run code.
+
+    ``lazy``: a safetensors file comes back as a :class:`LazyStateDict` (tensors read when asked for), a zip
+    archive memory-mapped.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.endswith(".safetensors"):
+    if is_safetensors_file(path):
         from safetensors.torch import load_file
 
-        return load_file(path, device=str(map_location))
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as error:  # weights_only refuses arbitrary objects: say so instead of a pickle trace
-        raise ValueError(
-            f"{path}: could not be loaded with torch.load(weights_only=True) ({error}). "
-            "Only plain tensor checkpoints are accepted; convert it to .safetensors."
-        ) from error
-    if isinstance(payload, Mapping) and "state_dict" in payload:
-        payload = payload["state_dict"]
-    if not isinstance(payload, Mapping):
-        raise ValueError(f"{path}: expected a mapping of tensors, got {type(payload).__name__}")
-    return dict(payload)
+        try:
+            return LazyStateDict(path) if lazy else load_file(path, device=str(map_location))
+        except Exception as error:  # a header that parses but a body cut short
+            raise CheckpointFormatError(f"{path}: a damaged or truncated safetensors file ({error})") from None
+    if zipfile.is_zipfile(path) or _looks_like_legacy_pickle(path):
+        try:
+            # mmap needs a file name, and torch.load takes a *.safetensors name for a safetensors file
+            if lazy and zipfile.is_zipfile(path) and not path.endswith(".safetensors"):
+                payload = torch.load(path, map_location=map_location, weights_only=True, mmap=True)
+            else:
+                with open(path, "rb") as handle:  # a file object: torch.load must not judge by the name either
+                    payload = torch.load(handle, map_location=map_location, weights_only=True)
+        except Exception as error:
+            raise CheckpointFormatError(
+                f"{path}: torch.load(weights_only=True) refused it ({type(error).__name__}: {str(error)[:300]}); "
+                "only tensors and plain containers are read, never pickled code") from None
+        if isinstance(payload, Mapping) and isinstance(payload.get("state_dict"), Mapping):
+            payload = payload["state_dict"]
+        if not isinstance(payload, Mapping) or not all(isinstance(v, torch.Tensor) for v in payload.values()):
+            raise CheckpointFormatError(f"{path}: holds no state dict of tensors")
+        return dict(payload)
+    raise CheckpointFormatError(f"{path}: not a model file (neither safetensors nor a torch checkpoint)")
+
+
+class LazyStateDict(Mapping):
+    """A ``.safetensors`` file as a read-only mapping that reads a tensor when it is asked for (``shape`` without
+    reading it): a 5 GB checkpoint is never in memory twice."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._file = None
+        self._keys = list(self._open().keys())
+
+    def _open(self):
+        if self._file is None:
+            self._file = safe_open(self.path, framework="pt")
+        return self._file
+
+    def release(self) -> None:
+        """Unmap the file: pages read so far stop counting as this process's memory (they would otherwise add the
+        whole file on top of the model by the end of a load)."""
+        self._file = None
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._keys:
+            raise KeyError(key)
+        return self._open().get_tensor(key)
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._open().get_slice(key).get_shape())
 
 
 def load_config_from_checkpoint(path: str | os.PathLike, key: str = "config") -> dict:

@@ -8,6 +8,7 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from ldm.diffusion.gaussian import randn
 from ldm.models.latent_diffusion import LatentDiffusion
 
 
@@ -25,7 +26,7 @@ def seeded_noise(shape: Sequence[int], seeds: Sequence[int] | None = None,
     Drawn on the CPU so the same seed gives the same image on any device.
     """
     generators = seeded_generators(seeds) if generators is None else generators
-    return torch.stack([torch.randn(tuple(shape), generator=g) for g in generators])
+    return randn((len(generators), *shape), generators)
 
 
 PRECISIONS = ("fp32", "bf16", "fp16")

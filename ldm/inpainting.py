@@ -23,6 +23,8 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from ldm.diffusion.gaussian import randn_like
+
 log = logging.getLogger(__name__)
 FEATHER_PIXELS = 2
 
@@ -74,11 +76,7 @@ def known_region_guide(z0: torch.Tensor, mask: torch.Tensor, sampler: Any,
     """
     def guide(index: int, x_t: torch.Tensor) -> torch.Tensor:
         abar = float(sampler.input_alpha_cumprod(index))
-        if generators is None:
-            noise = torch.randn_like(z0)
-        else:
-            noise = torch.stack([torch.randn(z0.shape[1:], generator=g, device=g.device) for g in generators])
-        known = abar ** 0.5 * z0 + (1 - abar) ** 0.5 * noise.to(z0)
+        known = abar ** 0.5 * z0 + (1 - abar) ** 0.5 * randn_like(z0, generators)
         return mask.to(x_t) * x_t + (1 - mask.to(x_t)) * known.to(x_t)
 
     return guide
@@ -92,11 +90,7 @@ def renoise(x: torch.Tensor, abar_from: float, abar_to: float,
     ratio = abar_to / abar_from
     if not 0 < ratio <= 1:
         raise ValueError(f"renoise goes to a noisier level: abar_to {abar_to} must be <= abar_from {abar_from}")
-    if generators is None:
-        noise = torch.randn_like(x)
-    else:
-        noise = torch.stack([torch.randn(x.shape[1:], generator=g, device=g.device) for g in generators]).to(x)
-    return ratio ** 0.5 * x + (1 - ratio) ** 0.5 * noise
+    return ratio ** 0.5 * x + (1 - ratio) ** 0.5 * randn_like(x, generators)
 
 
 def known_region_generators(seeds: Sequence[int]) -> list[torch.Generator]:

@@ -250,6 +250,12 @@ def checkpoint_step(path: str | os.PathLike) -> int:
     return int(payload["global_step"])
 
 
+def step_checkpoints(checkpoint_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """``(step, path)`` of the ``step<N>.ckpt`` files in ``checkpoint_dir``, newest first."""
+    return sorted(((int(m.group(1)), p) for p in Path(checkpoint_dir).glob("step*.ckpt")
+                   if (m := STEP_CHECKPOINT.match(p.name))), reverse=True)
+
+
 def latest_checkpoint(checkpoint_dir: str | os.PathLike) -> Path:
     """The newest readable checkpoint in ``checkpoint_dir``: ``last.ckpt`` unless it is missing, unreadable or older
     than a readable ``step<N>.ckpt`` (an interrupted run can leave it so), in which case that step file, with a
@@ -265,11 +271,7 @@ def latest_checkpoint(checkpoint_dir: str | os.PathLike) -> Path:
             problems.append(str(error))
     else:
         problems.append(f"{last}: missing")
-    steps = sorted(
-        ((int(m.group(1)), p) for p in checkpoint_dir.glob("step*.ckpt") if (m := STEP_CHECKPOINT.match(p.name))),
-        reverse=True,
-    )
-    for number, path in steps:
+    for number, path in step_checkpoints(checkpoint_dir):
         if last_step is not None and number <= last_step:
             break
         try:
@@ -292,10 +294,8 @@ def prune_step_checkpoints(checkpoint_dir: str | os.PathLike, keep_last_n: int |
     ``last.ckpt`` is never touched. Returns what was deleted."""
     if keep_last_n is None:
         return []
-    steps = sorted(((int(m.group(1)), p) for p in Path(checkpoint_dir).glob("step*.ckpt")
-                    if (m := STEP_CHECKPOINT.match(p.name))), reverse=True)
     removed = []
-    for number, path in steps[max(0, int(keep_last_n)):]:
+    for number, path in step_checkpoints(checkpoint_dir)[max(0, int(keep_last_n)):]:
         if number not in pinned:
             path.unlink(missing_ok=True)
             removed.append(path)
@@ -358,6 +358,16 @@ def check_resume_config(run_dir: str | os.PathLike, config: Any, resumable: tupl
 # --------------------------------------------------------------------------------------------- logs of a resumed run
 
 
+def _write_csv(path: Path, fields: list[str], rows: list[dict]) -> None:
+    def write(tmp):
+        with open(tmp, "w", newline="", encoding="utf-8") as out:
+            writer = csv.DictWriter(out, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    atomic_write(path, write)
+
+
 def set_aside_abandoned_metrics(run_dir: str | os.PathLike, resumed_step: int) -> int:
     """Move the rows of earlier sessions' ``metrics.csv`` logged after ``resumed_step`` (steps that were trained,
     then lost to an interruption, and will be trained again) into ``metrics.abandoned.csv`` beside them, so every
@@ -373,22 +383,13 @@ def set_aside_abandoned_metrics(run_dir: str | os.PathLike, resumed_step: int) -
         gone = [r for r in rows if r["step"] and int(float(r["step"])) >= resumed_step]
         if not gone:
             continue
-
-        def write(rows_out, target):
-            def fn(tmp):
-                with open(tmp, "w", newline="", encoding="utf-8") as out:
-                    writer = csv.DictWriter(out, fieldnames=fields)
-                    writer.writeheader()
-                    writer.writerows(rows_out)
-            atomic_write(target, fn)
-
         moved += len(gone)
         abandoned = path.with_name("metrics.abandoned.csv")
         if abandoned.exists():
             with open(abandoned, newline="", encoding="utf-8") as handle:
                 gone = list(csv.DictReader(handle)) + gone
-        write(gone, abandoned)
-        write(keep, path)
+        _write_csv(abandoned, fields, gone)
+        _write_csv(path, fields, keep)
     if moved:
         log.info("resuming at step %d: %d logged row(s) of abandoned steps moved to metrics.abandoned.csv",
                  resumed_step, moved)
@@ -399,6 +400,6 @@ __all__ = [
     "LOCK_FILE", "RUN_SUBDIRS", "RunFolderError", "RunLock", "check_resume_config", "checkpoint_step",
     "find_resume_checkpoint",
     "holds_a_run", "latest_checkpoint", "make_run_dir", "prepare_run_dir", "prune_step_checkpoints",
-    "remove_stale_temp_files",
-    "save_run_config", "set_aside_abandoned_metrics", "training_session",
+    "remove_stale_temp_files", "save_run_config", "set_aside_abandoned_metrics", "step_checkpoints",
+    "training_session",
 ]

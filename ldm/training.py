@@ -31,12 +31,12 @@ from ldm.data.sampler import ResumableRandomSampler
 from ldm.resume import ResumeState
 from ldm.run_folder import (  # noqa: F401  (the run-folder API has always been importable from here)
     RUN_SUBDIRS,
-    prune_step_checkpoints,
     RunFolderError,
     RunLock,
     find_resume_checkpoint,
     make_run_dir,
     prepare_run_dir,
+    prune_step_checkpoints,
     save_run_config,
 )
 from ldm.util import ConfigError, check_keys, instantiate_from_config, to_container
@@ -66,7 +66,7 @@ LIGHTNING_KEYS: dict[str, tuple[type, Any]] = {
     "scale_lr": (bool, False),
     "scale_factor_batches": (int, 8),
     "export_dtype": (str, "float32"),
-    "logger": (str, "auto"),  # or a list: csv, tensorboard, wandb
+    "logger": (tuple, "auto"),  # a name or a list of names: auto, csv, tensorboard, wandb
 }
 # What a --resume may change (the rest of a resumed run's config must match its config.yaml).
 RESUMABLE_LIGHTNING_KEYS = ("max_steps", "max_minutes", "log_every", "checkpoint_every", "image_every",
@@ -90,12 +90,15 @@ def _typed(value: Any, kind: type, where: str) -> Any:
     elif kind is list:
         if isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
             return tuple(value)
+    elif kind is tuple:  # a name or a list of names
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            return tuple(value)
     elif isinstance(value, str):
         return value
-    elif where == "lightning.logger" and isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
-        return tuple(value)
     names = {bool: "true or false", int: "a whole number", float: "a number", str: "a string",
-             list: "a list of whole numbers"}
+             list: "a list of whole numbers", tuple: "a name or a list of names"}
     raise ConfigError(f"{where}: expected {names[kind]}, got {value!r} ({type(value).__name__})")
 
 
@@ -495,34 +498,32 @@ class StepCheckpoints(ModelCheckpoint):
 
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
         super()._save_checkpoint(trainer, filepath)
+        self.prune(trainer)
+
+    def prune(self, trainer: pl.Trainer) -> None:
         if trainer.is_global_zero and self.dirpath:
             prune_step_checkpoints(self.dirpath, self.keep_last_n, self.keep_steps)
 
 
 class FinalCheckpoint(Callback):
     """At the end of training, ``step<N>.ckpt`` and ``last.ckpt`` for the final step when ``max_steps`` is not a
-    multiple of ``every`` (``ModelCheckpoint`` only saves on that grid, so the last steps would be lost to
-    ``--resume`` and to ``export_diffusion``); then the same pruning as :class:`StepCheckpoints`."""
+    multiple of ``every`` (``StepCheckpoints`` only saves on that grid, so the last steps would be lost to
+    ``--resume`` and to ``export_diffusion``), then that callback's pruning."""
 
-    def __init__(self, dirpath: str | os.PathLike, every: int, keep_last_n: int | None = None,
-                 keep_steps: Iterable[int] = ()):
-        self.dirpath = Path(dirpath)
+    def __init__(self, checkpoints: StepCheckpoints, every: int):
+        self.checkpoints = checkpoints
         self.every = int(every)
-        self.keep_last_n = keep_last_n
-        self.keep_steps = tuple(int(step) for step in keep_steps)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         step = trainer.global_step
-        if step == 0 or trainer.interrupted:
+        if step == 0 or step % self.every == 0 or trainer.interrupted:
             return
-        if step % self.every == 0 and (self.dirpath / f"step{step:06d}.ckpt").is_file():
-            return
+        dirpath = Path(self.checkpoints.dirpath)
         # weights_only=False: the whole training state (optimizers, loops), as ModelCheckpoint writes it; saying so
         # also keeps Lightning from logging that it "defaulted" (which reads like an unpickling warning)
-        trainer.save_checkpoint(self.dirpath / f"step{step:06d}.ckpt", weights_only=False)
-        trainer.save_checkpoint(self.dirpath / "last.ckpt", weights_only=False)
-        if trainer.is_global_zero:
-            prune_step_checkpoints(self.dirpath, self.keep_last_n, self.keep_steps)
+        trainer.save_checkpoint(dirpath / f"step{step:06d}.ckpt", weights_only=False)
+        trainer.save_checkpoint(dirpath / "last.ckpt", weights_only=False)
+        self.checkpoints.prune(trainer)
 
 
 def build_trainer(
@@ -579,8 +580,7 @@ def build_trainer(
     )
     timer = StepTimer()
     stop = GracefulStop()
-    callbacks = [checkpoint, FinalCheckpoint(run_dir / "checkpoints", checkpoint_every, keep_last_n, keep_steps),
-                 NaNGuard(), timer, stop,
+    callbacks = [checkpoint, FinalCheckpoint(checkpoint, checkpoint_every), NaNGuard(), timer, stop,
                  ResumeState.for_loader(train_loader)]
     if enable_progress_bar:
         callbacks.insert(0, TQDMProgressBar(refresh_rate=1))

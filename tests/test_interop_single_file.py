@@ -17,7 +17,8 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from ldm.interop import CheckpointFormatError, infer_variant, load_model, load_sd_config, read_state_dict
+from ldm.checkpoint import load_state_dict as read_state_dict
+from ldm.interop import CheckpointFormatError, infer_variant, load_model, load_sd_config
 from ldm.models.latent_diffusion import LatentDiffusion
 
 diffusers = pytest.importorskip("diffusers")

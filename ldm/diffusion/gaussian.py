@@ -60,21 +60,32 @@ def cast_like(c: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return c.to(device=like.device, dtype=like.dtype)
 
 
-def randn_like(x: torch.Tensor, generator: Optional[torch.Generator | Sequence[torch.Generator]] = None) -> torch.Tensor:
-    """Standard normal noise shaped like ``x``; drawn on the generator's device (so a CPU generator gives the same
-    numbers for CPU and GPU runs), then moved to ``x``'s device.
+def randn(
+    shape: Sequence[int],
+    generator: Optional[torch.Generator | Sequence[torch.Generator]] = None,
+    device: torch.device | str | None = None,
+    dtype: Optional[torch.dtype] = None,
+) -> torch.Tensor:
+    """Standard normal noise ``[*shape]`` on ``device``; drawn on the generator's device (so a CPU generator gives
+    the same numbers for CPU and GPU runs), then moved.
 
-    ``generator`` may be a sequence of one generator per row of ``x`` (``len == x.shape[0]``): row ``k`` is drawn
-    from generator ``k`` alone, so an image's noise does not depend on which other images share its batch.
+    ``generator`` may be a sequence of one generator per row (``len == shape[0]``): row ``k`` is drawn from generator
+    ``k`` alone, so an image's noise does not depend on which other images share its batch.
     """
+    shape = tuple(shape)
     if generator is None:
-        return torch.randn_like(x)
+        return torch.randn(shape, device=device, dtype=dtype)
     if isinstance(generator, (list, tuple)):
-        if len(generator) != x.shape[0]:
-            raise ValueError(f"{len(generator)} generators for a batch of {x.shape[0]}: give one per row")
-        return torch.stack([randn_like(row, g) for row, g in zip(x, generator)])
-    noise = torch.randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype)
-    return noise.to(x.device)
+        if len(generator) != shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}: give one per row")
+        return torch.stack([randn(shape[1:], g, device, dtype) for g in generator])
+    noise = torch.randn(shape, generator=generator, device=generator.device, dtype=dtype)
+    return noise if device is None else noise.to(device)
+
+
+def randn_like(x: torch.Tensor, generator: Optional[torch.Generator | Sequence[torch.Generator]] = None) -> torch.Tensor:
+    """:func:`randn` shaped like ``x``, on its device and in its dtype (one generator, or one per row)."""
+    return randn(x.shape, generator, x.device, x.dtype)
 
 
 def q_sample(x0: torch.Tensor, noise: torch.Tensor, alpha_cumprod: Coefficient) -> torch.Tensor:

@@ -13,21 +13,16 @@ import os
 from typing import Any, Mapping
 
 from ldm.interop.sd_config import load_sd_config, sd_config_to_ours, stock_config_path
-from ldm.interop.single_file import (
-    CheckpointFormatError,
-    infer_variant,
-    load_single_file,
-    read_state_dict,
-)
+from ldm.checkpoint import CheckpointFormatError
+from ldm.interop.single_file import infer_variant, load_single_file
 
 
 def is_our_format(path: str | os.PathLike) -> bool:
     """A ``.safetensors`` file written by ``LatentDiffusion.save`` (its config in the metadata)."""
-    from ldm.checkpoint import read_safetensors_metadata
-    from ldm.interop.single_file import _is_safetensors
+    from ldm.checkpoint import is_safetensors_file, read_safetensors_metadata
 
     path = os.fspath(path)
-    if not os.path.isfile(path) or not _is_safetensors(path):
+    if not os.path.isfile(path) or not is_safetensors_file(path):
         return False
     try:
         return "config" in read_safetensors_metadata(path)
@@ -64,23 +59,20 @@ def load_model(
         if config is not None or use_ema:
             raise ValueError(f"{path}: a diffusers folder carries its own config and weights; --config and --use-ema "
                              "are for Stable Diffusion files")
-        model = load_diffusers(path)
-        if parameterization is not None and parameterization != model.parameterization:
-            raise ValueError(f"{path} is a {model.parameterization}-prediction model (its scheduler says so); "
-                             f"--parameterization {parameterization} contradicts it")
-        return model.to(map_location)
-
-    if config is None and is_our_format(path):
+        model, says = load_diffusers(path).to(map_location), "its scheduler says so"
+    elif config is None and is_our_format(path):
         if use_ema:
             raise ValueError(f"{path}: our own files hold the EMA weights already; --use-ema is for SD checkpoints")
-        model = LatentDiffusion.from_checkpoint(path, map_location=map_location)
-        if parameterization is not None and parameterization != model.parameterization:
-            raise ValueError(f"{path} is a {model.parameterization}-prediction model (its config says so); "
-                             f"--parameterization {parameterization} contradicts it")
-        return model
-    return load_single_file(path, config=config, parameterization=parameterization, use_ema=use_ema,
-                            map_location=map_location)
+        model, says = LatentDiffusion.from_checkpoint(path, map_location=map_location), "its config says so"
+    else:
+        return load_single_file(path, config=config, parameterization=parameterization, use_ema=use_ema,
+                                map_location=map_location)
+    # these formats state their parameterization: a flag may only agree with it
+    if parameterization is not None and parameterization != model.parameterization:
+        raise ValueError(f"{path} is a {model.parameterization}-prediction model ({says}); "
+                         f"--parameterization {parameterization} contradicts it")
+    return model
 
 
 __all__ = ["CheckpointFormatError", "add_checkpoint_arguments", "infer_variant", "is_our_format", "load_model", "load_sd_config",
-           "load_single_file", "read_state_dict", "sd_config_to_ours", "stock_config_path"]
+           "load_single_file", "sd_config_to_ours", "stock_config_path"]

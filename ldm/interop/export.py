@@ -18,17 +18,9 @@ from safetensors.torch import save_file
 
 from ldm.checkpoint import atomic_write
 from ldm.interop.sd_config import ours_to_sd_config
-from ldm.interop.single_file import _SCHEDULE_TABLES
+from ldm.interop.single_file import sd_schedule_tables
 
 FORMATS = ("sd", "ours", "diffusers")
-
-
-def sd_schedule_tables(schedule) -> dict[str, torch.Tensor]:
-    """SD's ``register_schedule`` buffers for ``schedule`` (float64 arithmetic, stored float32)."""
-    betas = schedule.betas.double().cpu()
-    alphas_cumprod = torch.cumprod(1 - betas, 0)
-    previous = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
-    return {name: fn(betas, alphas_cumprod, previous).float() for name, fn in _SCHEDULE_TABLES.items()}
 
 
 def sd_state_dict(model, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
@@ -39,7 +31,7 @@ def sd_state_dict(model, dtype: torch.dtype | None = None) -> dict[str, torch.Te
         if dtype is not None and value.is_floating_point():
             value = value.to(dtype)
         state[key] = value.contiguous()
-    state.update(sd_schedule_tables(model.schedule))
+    state.update({name: table.float() for name, table in sd_schedule_tables(model.schedule).items()})
     return state
 
 

@@ -16,8 +16,8 @@ file's tensors are memory-mapped copy-on-write and become the parameters (``assi
 weights are first used and writes never reach the file (``benchmarks/sd_load.py``: a full-size SD 2 file loads in
 1.5 s with 1.2 GiB resident, against 11 s and 6.5 GiB for diffusers' UNet + VAE).
 
-The file is read by content, not by extension: a safetensors header or a zip/pickle ``torch.save`` archive, the
-latter only with ``torch.load(weights_only=True)``. Without a config the variant is read off the weights
+The file is read by content, not by extension (:func:`ldm.checkpoint.load_state_dict`): a safetensors header or a
+zip/pickle ``torch.save`` archive, the latter only with ``torch.load(weights_only=True)``. Without a config the variant is read off the weights
 (:func:`infer_variant`) and SD's stock inference config for it is used (``configs/stable-diffusion/``).
 """
 
@@ -27,11 +27,11 @@ import contextlib
 import logging
 import math
 import os
-import zipfile
 from typing import Any, Mapping
 
 import torch
 
+from ldm.checkpoint import CheckpointFormatError, load_state_dict
 from ldm.interop.sd_config import load_sd_config, sd_config_to_ours, stock_config_path
 
 log = logging.getLogger(__name__)
@@ -54,66 +54,6 @@ _SCHEDULE_TABLES = {
 _DROPPED = ("logvar", "lvlb_weights", "model_ema.decay", "model_ema.num_updates")
 UNET_PREFIX = "model.diffusion_model."
 EMA_PREFIX = "model_ema."
-SAFETENSORS_MAX_HEADER = 100 * 2**20
-
-
-class CheckpointFormatError(ValueError):
-    """A file that is not a Stable Diffusion checkpoint, or not the one its config describes."""
-
-
-# --------------------------------------------------------------------------------------------- reading
-
-
-def _is_safetensors(path: str) -> bool:
-    """A safetensors file starts with an 8-byte little-endian header length and a JSON header (``{``)."""
-    with open(path, "rb") as handle:
-        head = handle.read(9)
-    if len(head) < 9:
-        return False
-    size = int.from_bytes(head[:8], "little")
-    return 0 < size <= min(SAFETENSORS_MAX_HEADER, os.path.getsize(path) - 8) and head[8:9] == b"{"
-
-
-def read_state_dict(path: str | os.PathLike, lazy: bool = False) -> Mapping[str, torch.Tensor]:
-    """Every tensor in a checkpoint file, judged by its content: safetensors, or a ``torch.save`` archive read with
-    ``weights_only=True`` (a Lightning/CompVis ``state_dict`` level is unwrapped). ``CheckpointFormatError`` naming
-    the file for anything else (a text file, a truncated download, a pickle that would run code).
-
-    ``lazy``: a safetensors file comes back as a :class:`LazyStateDict` (tensors read when asked for); a torch
-    archive is memory-mapped."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if _is_safetensors(path):
-        from safetensors.torch import load_file
-
-        try:
-            return LazyStateDict(path) if lazy else load_file(path)
-        except Exception as error:  # a header that parses but a body cut short
-            raise CheckpointFormatError(f"{path}: a damaged or truncated safetensors file ({error})") from None
-    if zipfile.is_zipfile(path) or _looks_like_legacy_pickle(path):
-        try:
-            # mmap needs a file name, and torch.load takes a *.safetensors name for a safetensors file
-            if lazy and zipfile.is_zipfile(path) and not path.endswith(".safetensors"):
-                payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            else:
-                with open(path, "rb") as handle:  # a file object: torch.load must not judge by the name either
-                    payload = torch.load(handle, map_location="cpu", weights_only=True)
-        except Exception as error:
-            raise CheckpointFormatError(
-                f"{path}: torch.load(weights_only=True) refused it ({type(error).__name__}: {str(error)[:300]}); "
-                "only tensors and plain containers are read, never pickled code") from None
-        if isinstance(payload, Mapping) and isinstance(payload.get("state_dict"), Mapping):
-            payload = payload["state_dict"]
-        if not isinstance(payload, Mapping) or not all(isinstance(v, torch.Tensor) for v in payload.values()):
-            raise CheckpointFormatError(f"{path}: holds no state dict of tensors")
-        return dict(payload)
-    raise CheckpointFormatError(f"{path}: not a model file (neither safetensors nor a torch checkpoint)")
-
-
-def _looks_like_legacy_pickle(path: str) -> bool:
-    with open(path, "rb") as handle:
-        return handle.read(2) in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
 
 
 # --------------------------------------------------------------------------------------------- variants
@@ -145,18 +85,22 @@ def infer_variant(state_dict: Mapping[str, torch.Tensor]) -> str:
 # --------------------------------------------------------------------------------------------- state dict
 
 
-def check_schedule_tables(state_dict: Mapping[str, torch.Tensor], schedule, source: str) -> list[str]:
-    """Compare SD's schedule buffers in the file with ``schedule``'s (relative 1e-4: SD stores them in float32);
-    an error names the first that differs. Returns the table names found."""
+def sd_schedule_tables(schedule) -> dict[str, torch.Tensor]:
+    """SD's ``register_schedule`` buffers for ``schedule``, float64 (SD stores them in float32)."""
     betas = schedule.betas.double().cpu()
     alphas_cumprod = torch.cumprod(1 - betas, 0)
     previous = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
+    return {name: fn(betas, alphas_cumprod, previous) for name, fn in _SCHEDULE_TABLES.items()}
+
+
+def check_schedule_tables(state_dict: Mapping[str, torch.Tensor], schedule, source: str) -> list[str]:
+    """Compare SD's schedule buffers in the file with ``schedule``'s (relative 1e-4: SD stores them in float32);
+    an error names the first that differs. Returns the table names found."""
     found = []
-    for name, fn in _SCHEDULE_TABLES.items():
+    for name, expected in sd_schedule_tables(schedule).items():
         if name not in state_dict:
             continue
         stored = state_dict[name].double()
-        expected = fn(betas, alphas_cumprod, previous)
         if stored.shape != expected.shape:
             raise CheckpointFormatError(f"{source}: schedule table {name!r} has {stored.numel()} steps, the config "
                                         f"{expected.numel()}: the file was trained with another schedule")
@@ -260,7 +204,7 @@ def load_sd_weights(model, state_dict: Mapping[str, torch.Tensor], source: str) 
     """Strictly load SD-layout weights into ``model``; one error naming the first keys and shapes that differ.
 
     After the whole key set is checked, weights are copied in chunks (a UNet block, an encoder level, ...), so a
-    lazily read file (:class:`LazyStateDict`) never holds more than one chunk in memory beside the model."""
+    lazily read file (:class:`ldm.checkpoint.LazyStateDict`) never holds more than one chunk in memory beside the model."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
@@ -293,42 +237,6 @@ def load_sd_weights(model, state_dict: Mapping[str, torch.Tensor], source: str) 
             getattr(state_dict, "release", lambda: None)()
 
 
-class LazyStateDict(Mapping):
-    """A ``.safetensors`` file as a read-only mapping that reads a tensor when it is asked for (``shape`` without
-    reading it): a 5 GB checkpoint is never in memory twice."""
-
-    def __init__(self, path: str):
-        self.path = path
-        self._file = None
-        self._keys = list(self._open().keys())
-
-    def _open(self):
-        from safetensors import safe_open
-
-        if self._file is None:
-            self._file = safe_open(self.path, framework="pt")
-        return self._file
-
-    def release(self) -> None:
-        """Unmap the file: pages read so far stop counting as this process's memory (they would otherwise add the
-        whole file on top of the model by the end of a load)."""
-        self._file = None
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        if key not in self._keys:
-            raise KeyError(key)
-        return self._open().get_tensor(key)
-
-    def __iter__(self):
-        return iter(self._keys)
-
-    def __len__(self) -> int:
-        return len(self._keys)
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._open().get_slice(key).get_shape())
-
-
 # --------------------------------------------------------------------------------------------- the whole model
 
 
@@ -351,7 +259,7 @@ def load_single_file(
     from ldm.models.latent_diffusion import LatentDiffusion
 
     source = os.fspath(path)
-    state_dict = read_state_dict(source, lazy=True)
+    state_dict = load_state_dict(source, lazy=True)
     if config is None:
         variant = infer_variant(state_dict)
         ours = load_sd_config(stock_config_path(variant))

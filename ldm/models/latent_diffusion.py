@@ -18,14 +18,11 @@ from torch import nn
 
 from ldm.checkpoint import load_config_from_checkpoint, load_into, load_state_dict, save_safetensors
 from ldm.diffusion import NoiseSchedule, build_sampler, classifier_free_guidance
+from ldm.diffusion.gaussian import randn
 from ldm.util import ConfigError, check_keys, instantiate_from_config, to_container
 
 CONFIG_KEYS = ("autoencoder", "text_encoder", "unet", "schedule")
 
-
-def gaussian_noise(like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Standard normal noise shaped like ``like`` from ``generator``, drawn on its device (CPU: any device agrees)."""
-    return torch.randn(like.shape, generator=generator, device=generator.device)
 # the rest a model config may hold (image_size: the pixel size it was trained at; inpainting: a 9-channel UNet)
 OPTIONAL_CONFIG_KEYS = ("scale_factor", "parameterization", "sampler_defaults", "image_size", "inpainting")
 
@@ -246,11 +243,7 @@ class LatentDiffusion(nn.Module):
             context = self.encode_text(prompts)
         context = context.to(device)
         if x_T is None:
-            shape = (batch, *self.latent_shape(height, width))
-            if isinstance(generator, (list, tuple)):  # one stream per image
-                x_T = torch.stack([torch.randn(shape[1:], generator=g, device=g.device) for g in generator])
-            else:
-                x_T = torch.randn(shape, generator=generator, device=generator.device if generator else device)
+            x_T = randn((batch, *self.latent_shape(height, width)), generator, device)  # one stream, or one per image
         x_T = x_T.to(device=device, dtype=next(self.unet.parameters()).dtype)
         base_fn = self.model_fn
         if concat is not None:  # a 9-channel inpainting UNet also sees the mask and the masked image's latents
@@ -265,6 +258,13 @@ class LatentDiffusion(nn.Module):
         latents = sampler.sample(model_fn, x_T, cond=cond, generator=generator, progress=progress, callback=callback,
                                  first_step=first_step, guide=guide, last_step=last_step)
         return self.decode_latents(latents) if decode else latents
+
+    def _check_edit(self, images: torch.Tensor, prompts: Sequence[str], sampler: Any) -> tuple[Any, tuple]:
+        """``(sampler, latent shape)`` for editing ``images [len(prompts), 3, H, W]``; ``ValueError`` otherwise."""
+        if images.ndim != 4 or images.shape[1] != 3 or images.shape[0] != len(prompts):
+            raise ValueError(f"images must be [len(prompts)={len(prompts)}, 3, H, W], got {tuple(images.shape)}")
+        shape = self.latent_shape(images.shape[2], images.shape[3])  # a size the model can take, or the multiple
+        return (self.build_sampler(sampler) if isinstance(sampler, (str, Mapping)) else sampler), shape
 
     @torch.no_grad()
     def img2img(
@@ -289,25 +289,19 @@ class LatentDiffusion(nn.Module):
         """
         if not 0.0 <= float(strength) <= 1.0:
             raise ValueError(f"strength must be in [0, 1], got {strength}")
-        if isinstance(sampler, (str, Mapping)):
-            sampler = self.build_sampler(sampler)
-        if images.ndim != 4 or images.shape[1] != 3 or images.shape[0] != len(prompts):
-            raise ValueError(f"images must be [len(prompts)={len(prompts)}, 3, H, W], got {tuple(images.shape)}")
-        self.latent_shape(images.shape[2], images.shape[3])  # a size the model can take, or the one multiple
+        sampler, _ = self._check_edit(images, prompts, sampler)
         z0 = self.encode_images(images.to(self.device, next(self.first_stage_model.parameters()).dtype), sample=False)
         steps = sampler.num_steps
         run = int(round(float(strength) * steps))
         if run == 0:
             return self.decode_latents(z0) if decode else z0
-        generators = generator if isinstance(generator, (list, tuple)) else [generator] * len(prompts)
-        noise = torch.stack([gaussian_noise(z0[0], g) for g in generators]) if generator is not None else \
-            torch.randn_like(z0)
+        noise = randn(z0.shape, generator, z0.device)
         first = steps - run
         if first == 0:
             x = noise  # all steps: txt2img's start, the image is not used
         else:
             abar = float(sampler.input_alpha_cumprod(first))
-            x = abar ** 0.5 * z0 + (1 - abar) ** 0.5 * noise.to(z0)
+            x = abar ** 0.5 * z0 + (1 - abar) ** 0.5 * noise
         return self.sample(prompts, sampler, guidance_scale=guidance_scale, x_T=x, generator=generator,
                            progress=progress, decode=decode, first_step=first)
 
@@ -337,20 +331,12 @@ class LatentDiffusion(nn.Module):
         """
         from ldm.inpainting import feathered, known_region_guide, latent_mask, prepare_mask
 
-        if isinstance(sampler, (str, Mapping)):
-            sampler = self.build_sampler(sampler)
-        if images.ndim != 4 or images.shape[1] != 3 or images.shape[0] != len(prompts):
-            raise ValueError(f"images must be [len(prompts)={len(prompts)}, 3, H, W], got {tuple(images.shape)}")
-        shape = self.latent_shape(images.shape[2], images.shape[3])
+        sampler, shape = self._check_edit(images, prompts, sampler)
         masks = prepare_mask(masks, tuple(images.shape[-2:])).to(images)
         dtype = next(self.first_stage_model.parameters()).dtype
         images_in = images.to(self.device, dtype)
         z0 = self.encode_images(images_in, sample=False)
-        generators = generator if isinstance(generator, (list, tuple)) else None
-        if generators is not None:
-            x_T = torch.stack([torch.randn(shape, generator=g, device=g.device) for g in generators])
-        else:
-            x_T = torch.randn((len(prompts), *shape), generator=generator)
+        x_T = randn((len(prompts), *shape), generator)
         common = dict(guidance_scale=guidance_scale, x_T=x_T, generator=generator, progress=progress,
                       callback=callback, decode=False)
         if self.config and self.config.get("inpainting"):
