@@ -14,7 +14,7 @@ dict loads into our model key for key once the parts SD keeps beside the weights
 Loading is cheap: the model is built without random initialisation (:func:`skip_weight_init`) and a safetensors
 file's tensors are memory-mapped copy-on-write and become the parameters (``assign``), so pages are read as the
 weights are first used and writes never reach the file (``benchmarks/sd_load.py``: a full-size SD 2 file loads in
-1.5 s with 1.2 GiB resident, against 11 s and 6.5 GiB for diffusers' UNet + VAE).
+2-9 s with 1.2 GiB resident, against 17-22 s and 6.5 GiB for diffusers' UNet + VAE).
 
 The file is read by content, not by extension (:func:`ldm.checkpoint.load_state_dict`): a safetensors header or a
 zip/pickle ``torch.save`` archive, the latter only with ``torch.load(weights_only=True)``. Without a config the variant is read off the weights
