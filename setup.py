@@ -24,18 +24,21 @@ setup(
         "safetensors>=0.4",
         "tqdm>=4.60",
         "torchmetrics>=1.0",
+        "webdataset>=0.2.80",
         "pillow>=9.0",
         "numpy>=1.23",
     ],
     extras_require={
         # wandb: the W&B logger's offline test runs in CI too; tensorboard: its image logging
         "test": ["pytest>=7", "pytest-timeout>=2", "scikit-image>=0.20", "psutil>=5", "matplotlib>=3.5", "wandb>=0.16",
-                 "tensorboard>=2.10"],
+                 "tensorboard>=2.10", "torch-fidelity>=0.3"],
         "gpu": ["xformers>=0.0.23"],
         "bench": ["diffusers>=0.30", "psutil>=5"],
         # checkpoint interop with diffusers folders and HF CLIP text encoders; the core never needs them
         "diffusers": ["diffusers>=0.30", "transformers>=4.40"],
         "plots": ["matplotlib>=3.5"],
+        # FID/KID with the Inception network (torchmetrics loads it through torch-fidelity)
+        "eval": ["torch-fidelity>=0.3"],
         "tensorboard": ["tensorboard>=2.10"],
         "wandb": ["wandb>=0.16"],
     },

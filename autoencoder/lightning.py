@@ -51,6 +51,7 @@ class AutoencoderKLTraining(pl.LightningModule):
         ignore_keys: Iterable[str] = (),
         colorize_nlabels: int | None = None,
         ema_decay: float | None = None,
+        accumulate_grad_batches: int = 1,
     ):
         """
         Args:
@@ -62,6 +63,10 @@ class AutoencoderKLTraining(pl.LightningModule):
             image_key: batch dict key of the images ``[B, C, H, W]`` in [-1, 1].
             monitor: metric name kept for SD config compatibility (e.g. ``val/rec_loss``).
             ema_decay: keep an EMA of the autoencoder weights (see the module docstring); ``None``: no EMA.
+            accumulate_grad_batches: micro-batches per optimizer step (``lightning.accumulate_grad_batches``; the
+                training script sets it). Manual optimization accumulates here: each micro-batch's losses are
+                divided by it, and both optimizers step after the last micro-batch of the window, the
+                discriminator on the gradients of exactly the micro-batches the autoencoder stepped on.
         """
         super().__init__()
         if lossconfig is None:
@@ -82,6 +87,10 @@ class AutoencoderKLTraining(pl.LightningModule):
         if ema_decay is not None and not 0.0 < ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in (0, 1), got {ema_decay}")
         self.ema_decay = ema_decay
+        if int(accumulate_grad_batches) < 1:
+            raise ValueError(f"accumulate_grad_batches must be >= 1, got {accumulate_grad_batches}")
+        self.accumulate_grad_batches = int(accumulate_grad_batches)
+        self._micro_batch = 0  # position in the accumulation window; 0 at every checkpoint (they follow a step)
         if ema_decay is not None:
             self.autoencoder_ema = copy.deepcopy(self.autoencoder).requires_grad_(False)
             self.register_buffer("ema_num_updates", torch.tensor(0, dtype=torch.long))
@@ -138,33 +147,48 @@ class AutoencoderKLTraining(pl.LightningModule):
 
     def on_train_start(self) -> None:
         set_base_learning_rate(self.trainer, self.learning_rate)  # a learning rate changed on --resume applies
+        self._micro_batch = 0
 
     def training_step(self, batch, batch_idx):
         opt_ae, opt_disc = self._optimizers()
         step = self.global_step
+        window = self.accumulate_grad_batches
+        disc_on = opt_disc is not None and self.loss.discriminator_active(step)
+        if self._micro_batch == 0:
+            opt_ae.zero_grad(set_to_none=True)
+            if opt_disc is not None:
+                opt_disc.zero_grad(set_to_none=True)
         x = self.get_input(batch)
-        reconstructions, posterior = self.autoencoder(x)
 
+        # The generator loss runs through the discriminator: toggling keeps its gradient out of the discriminator's,
+        # which accumulate over the window beside the autoencoder's.
+        self.toggle_optimizer(opt_ae)
+        reconstructions, posterior = self.autoencoder(x)
         ae_loss, log_ae = self.loss(
             x, reconstructions, posterior, 0, step, last_layer=self.get_last_layer(), split="train"
         )
         check_finite(ae_loss, step, "autoencoder loss")
-        opt_ae.zero_grad(set_to_none=True)
-        self.manual_backward(ae_loss)
-        opt_ae.step()
-        if self.ema_decay is not None:
-            self.update_ema()
+        self.manual_backward(ae_loss / window)
+        self.untoggle_optimizer(opt_ae)
         logs = dict(log_ae)
 
-        if opt_disc is not None and self.loss.discriminator_active(step):
+        if disc_on:
+            self.toggle_optimizer(opt_disc)
             d_loss, log_disc = self.loss(
                 x, reconstructions.detach(), posterior, 1, step, last_layer=self.get_last_layer(), split="train"
             )
             check_finite(d_loss, step, "discriminator loss")
-            opt_disc.zero_grad(set_to_none=True)
-            self.manual_backward(d_loss)
-            self._step_uncounted(opt_disc)
+            self.manual_backward(d_loss / window)
+            self.untoggle_optimizer(opt_disc)
             logs.update(log_disc)
+
+        self._micro_batch = (self._micro_batch + 1) % window
+        if self._micro_batch == 0:  # the window's last micro-batch: one step of each optimizer
+            opt_ae.step()
+            if self.ema_decay is not None:
+                self.update_ema()
+            if disc_on:
+                self._step_uncounted(opt_disc)
 
         batch_size = x.shape[0]
         self.log("train/loss", ae_loss.detach(), prog_bar=True, on_step=True, on_epoch=False, batch_size=batch_size)
@@ -179,10 +203,12 @@ class AutoencoderKLTraining(pl.LightningModule):
         _, log_ae = self.loss(x, reconstructions, posterior, 0, self.global_step, split="val")
         log_ae["val/psnr"] = psnr(x, reconstructions).mean()
         batch_size = x.shape[0]
-        self.log("val/rec_loss", log_ae["val/rec_loss"], prog_bar=True, on_epoch=True, batch_size=batch_size)
-        self.log("val/psnr", log_ae["val/psnr"], prog_bar=True, on_epoch=True, batch_size=batch_size)
+        # sync_dist: with several processes each validates its share, the logged value is the mean over ranks
+        self.log("val/rec_loss", log_ae["val/rec_loss"], prog_bar=True, on_epoch=True, batch_size=batch_size,
+                 sync_dist=True)
+        self.log("val/psnr", log_ae["val/psnr"], prog_bar=True, on_epoch=True, batch_size=batch_size, sync_dist=True)
         self.log_dict({k: v.float() for k, v in log_ae.items() if k not in ("val/rec_loss", "val/psnr")},
-                      on_epoch=True, batch_size=batch_size)
+                      on_epoch=True, batch_size=batch_size, sync_dist=True)
 
     @torch.no_grad()
     def log_images(self, batch, max_images: int = 8) -> dict[str, Any]:

@@ -6,8 +6,14 @@ data order. :class:`ResumeState` adds, under ``checkpoint["resume_state"]``:
 
 * ``rng``: the torch (CPU and CUDA), numpy and Python ``random`` states of every rank, as tensors and numbers so the
   checkpoint still loads with ``torch.load(weights_only=True)``;
-* ``data``: ``{"epoch", "offset"}``, the epoch and the number of its samples already trained, for a
-  :class:`ldm.data.sampler.ResumableRandomSampler`.
+* ``data``: ``{"epoch", "offset"}``, the epoch and the number of its samples already trained (by all ranks
+  together), for a :class:`ldm.data.sampler.ResumableRandomSampler`.
+
+A checkpoint of ``N`` processes resumes on ``M``: weights, EMA, optimizer and schedule state are the same on every
+rank and carry over; the data position carries over exactly (``offset`` counts samples of the one global order, so
+the ``M`` ranks continue it); the random streams carry over only when ``M == N`` (else rank ``r`` continues rank 0's
+stream reseeded by ``r``, so a resumed run is not bit-equal to one that never stopped). Shards
+(:class:`ldm.data.shards.ShardDataset`) are streams: a resumed run starts their epoch again.
 
 Modules with random state of their own (the caption-dropout RNG) save it in their ``on_save_checkpoint``.
 With this, N steps straight and N/2 steps + kill + resume give the same weights (tested bit for bit on CPU).
@@ -24,6 +30,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
 
+from ldm.data.buckets import BucketBatchSampler
 from ldm.data.sampler import ResumableRandomSampler
 
 log = logging.getLogger(__name__)
@@ -57,7 +64,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _gather(obj: Any, trainer: pl.Trainer) -> list[Any]:
+def gather_from_ranks(obj: Any, trainer: pl.Trainer) -> list[Any]:
+    """``[obj of rank 0, obj of rank 1, ...]`` (all ranks call it; one process: ``[obj]``)."""
     if trainer.world_size <= 1 or not torch.distributed.is_available() or not torch.distributed.is_initialized():
         return [obj]
     gathered: list[Any] = [None] * trainer.world_size
@@ -69,16 +77,21 @@ class ResumeState(Callback):
     """Save and restore the random states and the data position (see the module docstring).
 
     Args:
-        sampler: the training loader's :class:`ResumableRandomSampler` (``None``: only the random states).
+        sampler: the training loader's :class:`ResumableRandomSampler` or :class:`BucketBatchSampler` (``None``: only
+            the random states).
         batch_size: samples per training batch (converts trained batches to a sample offset).
     """
 
-    def __init__(self, sampler: ResumableRandomSampler | None = None, batch_size: int = 1):
+    def __init__(self, sampler: ResumableRandomSampler | BucketBatchSampler | None = None, batch_size: int = 1):
         self.sampler = sampler
         self.batch_size = int(batch_size)
+        self._loaded_data: dict | None = None
 
     @classmethod
     def for_loader(cls, loader: torch.utils.data.DataLoader | None) -> "ResumeState":
+        batch_sampler = getattr(loader, "batch_sampler", None)
+        if isinstance(batch_sampler, BucketBatchSampler):  # aspect-ratio buckets hold the position themselves
+            return cls(batch_sampler, batch_sampler.batch_size)
         sampler = getattr(loader, "sampler", None)
         if not isinstance(sampler, ResumableRandomSampler):
             sampler = None
@@ -90,10 +103,12 @@ class ResumeState(Callback):
         epoch = trainer.current_epoch
         if done >= trainer.num_training_batches:
             epoch, done = epoch + 1, 0
-        return {"epoch": int(epoch), "offset": int(done * self.batch_size)}
+        # samples of the one global order (every rank took batch_size of them per batch), so M processes can resume
+        # what N wrote
+        return {"epoch": int(epoch), "offset": int(done * self.batch_size * trainer.world_size)}
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
-        checkpoint["resume_state"] = {"rng": _gather(get_rng_state(), trainer), "world_size": trainer.world_size,
+        checkpoint["resume_state"] = {"rng": gather_from_ranks(get_rng_state(), trainer), "world_size": trainer.world_size,
                                       "data": self._data_position(trainer)}
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
@@ -114,4 +129,20 @@ class ResumeState(Callback):
                         trainer.world_size, len(rng))
         if self.sampler is not None:
             data = state["data"]
-            self.sampler.resume(data["epoch"], min(data["offset"], len(self.sampler)))
+            self.sampler.resume(data["epoch"], min(data["offset"], self.sampler.num_samples))
+            self._loaded_data = dict(data)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """After a resume on another number of processes (or batch), restate Lightning's count of this epoch's batches
+        in the new terms, ``offset / (batch x processes)``: its accumulation windows, epoch end and the next saved
+        position all count from it."""
+        data, self._loaded_data = self._loaded_data, None
+        if data is None or data["epoch"] != trainer.current_epoch:
+            return
+        progress = trainer.fit_loop.epoch_loop.batch_progress.current
+        per_batch = self.batch_size * trainer.world_size
+        if progress.ready * per_batch != data["offset"]:
+            done = data["offset"] // per_batch
+            # as Lightning saved them: the checkpointed batch ready and processed but not yet counted completed
+            progress.ready = progress.started = progress.processed = done
+            progress.completed = max(0, done - 1)

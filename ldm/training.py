@@ -8,7 +8,9 @@ random states and data position; SIGTERM/SIGINT checkpoint the current step and 
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import json
 import logging
 import math
 import os
@@ -27,10 +29,23 @@ from pytorch_lightning.callbacks import Callback, ModelCheckpoint, TQDMProgressB
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from ldm.checkpoint import atomic_write
+from ldm.data.buckets import BucketBatchSampler
 from ldm.data.sampler import ResumableRandomSampler
+from ldm.distributed import (
+    build_strategy,
+    check_strategy,
+    global_batch,
+    inherited_run_dir,
+    is_launch_rank_zero,
+    launch_world_size,
+    relaunchable,
+    scaled_learning_rate,
+    seed_rank,
+)
 from ldm.resume import ResumeState
 from ldm.run_folder import (  # noqa: F401  (the run-folder API has always been importable from here)
     RUN_SUBDIRS,
+    training_session,
     RunFolderError,
     RunLock,
     find_resume_checkpoint,
@@ -67,10 +82,18 @@ LIGHTNING_KEYS: dict[str, tuple[type, Any]] = {
     "scale_factor_batches": (int, 8),
     "export_dtype": (str, "float32"),
     "logger": (tuple, "auto"),  # a name or a list of names: auto, csv, tensorboard, wandb
+    # several processes (ldm.distributed): devices per node, nodes, Lightning strategy, micro-batches per step
+    "devices": (object, 1),  # a count or "auto" (every GPU); Lightning's launcher, torchrun or srun starts them
+    "num_nodes": (int, 1),
+    "strategy": (str, "auto"),
+    "accumulate_grad_batches": (int, 1),
+    "timeout_minutes": (float, 30.0),  # a collective that waits this long (a dead rank) fails the run
 }
 # What a --resume may change (the rest of a resumed run's config must match its config.yaml).
 RESUMABLE_LIGHTNING_KEYS = ("max_steps", "max_minutes", "log_every", "checkpoint_every", "image_every",
-                            "max_images", "val_every", "limit_val_batches", "keep_last_n", "keep_steps")
+                            "max_images", "val_every", "limit_val_batches", "keep_last_n", "keep_steps",
+                            # a run of N processes resumes on M (ldm.resume says what carries over)
+                            "devices", "num_nodes", "strategy", "accumulate_grad_batches", "timeout_minutes")
 
 
 def _typed(value: Any, kind: type, where: str) -> Any:
@@ -90,6 +113,9 @@ def _typed(value: Any, kind: type, where: str) -> Any:
     elif kind is list:
         if isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
             return tuple(value)
+    elif kind is object:  # a count or "auto"
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            return value
     elif kind is tuple:  # a name or a list of names
         if isinstance(value, str):
             return value
@@ -98,7 +124,8 @@ def _typed(value: Any, kind: type, where: str) -> Any:
     elif isinstance(value, str):
         return value
     names = {bool: "true or false", int: "a whole number", float: "a number", str: "a string",
-             list: "a list of whole numbers", tuple: "a name or a list of names"}
+             list: "a list of whole numbers", tuple: "a name or a list of names",
+             object: "a whole number >= 1 or auto"}
     raise ConfigError(f"{where}: expected {names[kind]}, got {value!r} ({type(value).__name__})")
 
 
@@ -115,10 +142,12 @@ def lightning_settings(node: Any, **defaults: Any) -> dict[str, Any]:
     for key, (kind, default) in LIGHTNING_KEYS.items():
         value = node[key] if key in node else defaults.get(key, default)
         settings[key] = _typed(value, kind, f"lightning.{key}")
-    for key in ("max_steps", "log_every", "checkpoint_every", "seed", "max_images", "scale_factor_batches"):
+    check_strategy(settings["strategy"])
+    for key in ("max_steps", "log_every", "checkpoint_every", "seed", "max_images", "scale_factor_batches",
+                "num_nodes", "accumulate_grad_batches"):
         if settings[key] is not None and settings[key] < (0 if key == "seed" else 1):
             raise ConfigError(f"lightning.{key} must be >= {0 if key == 'seed' else 1}, got {settings[key]}")
-    for key in ("image_every", "val_every", "max_minutes", "keep_last_n"):
+    for key in ("image_every", "val_every", "max_minutes", "keep_last_n", "timeout_minutes"):
         if settings[key] is not None and settings[key] <= 0:
             settings[key] = None  # 0 means off (keep_last_n: keep every step checkpoint)
     return settings
@@ -246,6 +275,7 @@ class GracefulStop(Callback):
         super().__init__()
         self.received: int | None = None
         self._previous: dict[int, Any] = {}
+        self._step_at_start = -1
 
     @property
     def exit_code(self) -> int:
@@ -273,8 +303,17 @@ class GracefulStop(Callback):
         for signum in self.SIGNALS:
             self._previous[signum] = signal.signal(signum, self._handle)
 
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._step_at_start = trainer.global_step
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.received is not None:
+        if trainer.global_step == self._step_at_start:
+            return  # mid-way through accumulated micro-batches: stop after the optimizer step, which is saved
+        stop = self.received is not None
+        if trainer.world_size > 1:
+            # every rank stops after the same step, or the others would wait for it in the next all-reduce
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if stop:
             trainer.should_stop = True
 
     def on_train_end(self, trainer, pl_module) -> None:
@@ -394,7 +433,8 @@ class SkippedImagesReport(Callback):
         self.dataset = dataset
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        pl_module.log("data/skipped_images", float(self.dataset.num_skipped), on_epoch=True, on_step=False)
+        pl_module.log("data/skipped_images", float(self.dataset.num_skipped), on_epoch=True, on_step=False,
+                      sync_dist=True, reduce_fx="sum")  # each rank counts the files it read
 
     def on_train_end(self, trainer, pl_module) -> None:
         if self.dataset.num_skipped and trainer.is_global_zero:
@@ -435,6 +475,69 @@ class StepTimer(Callback):
     @property
     def steps_per_second(self) -> float:
         return self.steps / self.seconds if self.seconds > 0 else float("nan")
+
+
+class DistributedRun(Callback):
+    """What several processes need once Lightning has started them: each loader's sampler takes its rank's share
+    (``set_distributed``), every rank but 0 draws its own random stream (:func:`ldm.distributed.seed_rank`; a
+    resumed run then restores each rank's saved stream), and rank 0 states the run's scale (processes, global batch,
+    learning rate), logs it and appends it to ``launch.json`` in the run folder."""
+
+    def __init__(self, loaders: Iterable[Any] = (), seed: int = 0, run_dir: str | os.PathLike | None = None,
+                 scale_lr: bool = False):
+        super().__init__()
+        self.loaders = [loader for loader in loaders if loader is not None]
+        self.seed = int(seed)
+        self.run_dir = None if run_dir is None else Path(run_dir)
+        self.scale_lr = bool(scale_lr)
+        self.summary: dict[str, Any] = {}
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        for loader in self.loaders:
+            dataset = getattr(loader, "dataset", None)
+            streamed = isinstance(dataset, torch.utils.data.IterableDataset)
+            if streamed and trainer.world_size > 1 and getattr(dataset, "epoch_length", None) is None:
+                # ranks whose shares differ would run different numbers of steps and wait for each other forever
+                raise ConfigError(f"{trainer.world_size} processes read shards: set an epoch length (samples per "
+                                  "process and epoch: --epoch-length N) so that every rank runs the same steps")
+            parts = (dataset,) if streamed else (getattr(loader, "batch_sampler", None), getattr(loader, "sampler", None))
+            for part in parts:
+                if hasattr(part, "set_distributed"):
+                    part.set_distributed(trainer.global_rank, trainer.world_size)
+        seed_rank(self.seed, trainer.global_rank)
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        # Lightning sets the epoch of samplers only; a stream (shards) reshuffles by its own set_epoch
+        dataset = getattr(self.loaders[0], "dataset", None) if self.loaders else None
+        if isinstance(dataset, torch.utils.data.IterableDataset) and hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(trainer.current_epoch)
+
+    def on_train_start(self, trainer, pl_module) -> None:  # after a resume restored the step
+        loader = self.loaders[0] if self.loaders else None
+        per_device = getattr(loader, "batch_size", None) or getattr(getattr(loader, "batch_sampler", None),
+                                                                     "batch_size", None) or 0
+        accumulate = int(getattr(pl_module, "accumulate_grad_batches", None) or trainer.accumulate_grad_batches)
+        self.summary = {
+            "processes": trainer.world_size, "nodes": trainer.num_nodes, "devices_per_node": trainer.num_devices,
+            "strategy": type(trainer.strategy).__name__, "accelerator": type(trainer.accelerator).__name__,
+            "per_device_batch": int(per_device), "accumulate_grad_batches": accumulate,
+            "global_batch": global_batch(per_device, trainer.world_size, accumulate),
+            "learning_rate": float(getattr(pl_module, "learning_rate", float("nan"))), "scale_lr": self.scale_lr,
+            "start_step": int(trainer.global_step),
+            "started": _dt.datetime.now().isoformat(timespec="seconds"),
+        }
+        if not trainer.is_global_zero:
+            return
+        s = self.summary
+        log.info("%d process(es) (%d node(s) x %d device(s), %s): global batch %d = %d per device x %d process(es) x "
+                 "%d accumulated; learning rate %.4g (%s)", s["processes"], s["nodes"], s["devices_per_node"],
+                 s["strategy"], s["global_batch"], s["per_device_batch"], s["processes"], accumulate,
+                 s["learning_rate"], "base x global batch: scale_lr" if self.scale_lr else "as configured")
+        if self.run_dir is not None:
+            path = self.run_dir / "launch.json"
+            sessions = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else []
+            sessions.append(self.summary)
+            atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(sessions, indent=1), encoding="utf-8"))
 
 
 # --------------------------------------------------------------------------------------------- trainer
@@ -506,24 +609,38 @@ class StepCheckpoints(ModelCheckpoint):
 
 
 class FinalCheckpoint(Callback):
-    """At the end of training, ``step<N>.ckpt`` and ``last.ckpt`` for the final step when ``max_steps`` is not a
-    multiple of ``every`` (``StepCheckpoints`` only saves on that grid, so the last steps would be lost to
-    ``--resume`` and to ``export_diffusion``), then that callback's pruning."""
+    """``step<N>.ckpt`` and ``last.ckpt`` for the final step when it is not a multiple of ``every``
+    (``StepCheckpoints`` only saves on that grid, so the last steps would be lost to ``--resume`` and to
+    ``export_diffusion``), then that callback's pruning.
+
+    Saved at the end of the last batch (``max_steps`` reached, or a stop asked for), like the step checkpoints: by
+    ``on_train_end`` Lightning has closed the epoch, and a checkpoint from there would resume at the start of the next
+    epoch instead of where the data stopped. ``on_train_end`` saves only what that missed (a time limit)."""
 
     def __init__(self, checkpoints: StepCheckpoints, every: int):
         self.checkpoints = checkpoints
         self.every = int(every)
+        self._saved_step = -1
 
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _save(self, trainer: pl.Trainer) -> None:
         step = trainer.global_step
-        if step == 0 or step % self.every == 0 or trainer.interrupted:
+        if step == 0 or step % self.every == 0 or step == self._saved_step:
             return
+        self._saved_step = step
         dirpath = Path(self.checkpoints.dirpath)
         # weights_only=False: the whole training state (optimizers, loops), as ModelCheckpoint writes it; saying so
         # also keeps Lightning from logging that it "defaulted" (which reads like an unpickling warning)
         trainer.save_checkpoint(dirpath / f"step{step:06d}.ckpt", weights_only=False)
         trainer.save_checkpoint(dirpath / "last.ckpt", weights_only=False)
         self.checkpoints.prune(trainer)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
+        if trainer.global_step >= trainer.max_steps or trainer.should_stop:
+            self._save(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.interrupted:
+            self._save(trainer)
 
 
 def build_trainer(
@@ -545,6 +662,14 @@ def build_trainer(
     keep_last_n: int | None = None,
     keep_steps: Iterable[int] = (),
     logger: str | Iterable[str] = "auto",
+    num_nodes: int = 1,
+    strategy: str = "auto",
+    accumulate_grad_batches: int = 1,
+    automatic_optimization: bool = True,
+    timeout_minutes: float | None = 30.0,
+    val_loader: torch.utils.data.DataLoader | None = None,
+    seed: int = 0,
+    scale_lr: bool = False,
     **trainer_kwargs: Any,
 ) -> pl.Trainer:
     """A step-bound Lightning ``Trainer`` writing into ``run_dir`` (see the module docstring for the layout).
@@ -557,6 +682,12 @@ def build_trainer(
     ``image_every`` steps (when given; the module needs ``log_images``) and ``extra_callbacks``.
     Validation runs every ``val_every`` optimizer steps (never when ``None``). ``precision`` goes through
     ``resolve_precision`` (bf16 only where the CPU supports it, never fp16 on CPU).
+
+    Several processes: ``devices`` per node x ``num_nodes``, ``strategy`` (``auto``: DDP when there is more than one
+    process) with collectives that fail after ``timeout_minutes``; :class:`DistributedRun` gives each rank its share
+    of the data and its own random stream. ``accumulate_grad_batches`` micro-batches per optimizer step are
+    accumulated by Lightning for ``automatic_optimization`` modules; a manually optimized module (the autoencoder's
+    GAN loop) accumulates itself, so Lightning is told 1 and DDP looks for parameters a backward did not reach.
     """
     if max_steps < 1:
         raise ValueError(f"max_steps must be >= 1, got {max_steps}")
@@ -580,8 +711,10 @@ def build_trainer(
     )
     timer = StepTimer()
     stop = GracefulStop()
-    callbacks = [checkpoint, FinalCheckpoint(checkpoint, checkpoint_every), NaNGuard(), timer, stop,
-                 ResumeState.for_loader(train_loader)]
+    # FinalCheckpoint after GracefulStop: it sees the stop that GracefulStop decides at the same batch end
+    callbacks = [checkpoint, NaNGuard(), timer, stop, FinalCheckpoint(checkpoint, checkpoint_every),
+                 ResumeState.for_loader(train_loader),
+                 DistributedRun((train_loader, val_loader), seed=seed, run_dir=run_dir, scale_lr=scale_lr)]
     if enable_progress_bar:
         callbacks.insert(0, TQDMProgressBar(refresh_rate=1))
     if hasattr(getattr(train_loader, "dataset", None), "skip_summary"):
@@ -604,15 +737,28 @@ def build_trainer(
             "limit_val_batches": limit_val_batches,
             "num_sanity_val_steps": 0,
         }
-    if isinstance(getattr(train_loader, "sampler", None), ResumableRandomSampler):
+    if isinstance(getattr(train_loader, "sampler", None), ResumableRandomSampler) or isinstance(
+            getattr(train_loader, "batch_sampler", None), BucketBatchSampler):
         # ResumeState restores the position; Lightning only knows loaders with a state_dict of their own
         warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
+    per_node = devices
+    if devices == "auto":  # what Lightning will pick: every GPU, else one device
+        per_node = torch.cuda.device_count() if resolve_accelerator(accelerator) == "gpu" else 1
+    several = int(per_node) > 1 or int(num_nodes) > 1 or launch_world_size() > 1
+    if strategy == "auto" and several:
+        strategy = "ddp"
+    if not automatic_optimization:  # our checkpoints are taken after the step, as for automatic optimization
+        warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+    trainer_kwargs.setdefault("use_distributed_sampler", False)  # our samplers and shards split the data themselves
     trainer = pl.Trainer(
         default_root_dir=str(run_dir),
         max_steps=int(max_steps),
         max_epochs=-1,
         accelerator=accelerator,
         devices=devices,
+        num_nodes=int(num_nodes),
+        strategy=build_strategy(strategy, timeout_minutes, find_unused_parameters=not automatic_optimization),
+        accumulate_grad_batches=int(accumulate_grad_batches) if automatic_optimization else 1,
         precision=precision,
         callbacks=callbacks,
         logger=loggers,
@@ -630,7 +776,7 @@ def build_trainer(
 
 
 def trainer_from_settings(run_dir: str | os.PathLike, settings: Mapping[str, Any], train_loader, val_loader=None,
-                          **kwargs: Any) -> pl.Trainer:
+                          automatic_optimization: bool = True, **kwargs: Any) -> pl.Trainer:
     """``build_trainer`` from a typed ``lightning:`` section (:func:`lightning_settings`); validation only when there
     is a validation loader."""
     max_minutes = settings["max_minutes"]
@@ -651,8 +797,90 @@ def trainer_from_settings(run_dir: str | os.PathLike, settings: Mapping[str, Any
         keep_last_n=settings["keep_last_n"],
         keep_steps=settings["keep_steps"],
         logger=settings["logger"],
+        devices=settings["devices"],
+        num_nodes=settings["num_nodes"],
+        strategy=settings["strategy"],
+        accumulate_grad_batches=settings["accumulate_grad_batches"],
+        automatic_optimization=automatic_optimization,
+        timeout_minutes=settings["timeout_minutes"],
+        val_loader=val_loader,
+        seed=settings["seed"],
+        scale_lr=settings["scale_lr"],
         **kwargs,
     )
+
+
+def set_learning_rate(trainer: pl.Trainer, module: pl.LightningModule, base: float, per_device_batch: int,
+                      settings: Mapping[str, Any]) -> float:
+    """``module.learning_rate`` for this launch: ``base``, or ``base x global batch`` with ``lightning.scale_lr``
+    (:func:`ldm.distributed.scaled_learning_rate`), the global batch counting the trainer's processes."""
+    accumulate = int(getattr(module, "accumulate_grad_batches", None) or settings["accumulate_grad_batches"])
+    module.learning_rate = scaled_learning_rate(base, per_device_batch, trainer.world_size, accumulate,
+                                                settings["scale_lr"])
+    return module.learning_rate
+
+
+@contextlib.contextmanager
+def training_run(run_dir: str | os.PathLike | None, name: str, resume_checkpoint, config: Any,
+                 resumable: tuple[str, ...], settings: Mapping[str, Any]):
+    """The run folder of this training process, held for the session (``yield``s its path).
+
+    Rank 0 (or the only process) makes or reopens it and holds it (:func:`ldm.run_folder.training_session`: lock,
+    config checks, ``config.yaml``); the other ranks use the folder rank 0 chose and write nothing of their own.
+    Processes started together by ``torchrun`` or ``srun`` cannot agree on a new timestamped name: they need
+    ``--run-dir`` (or ``--resume``).
+    """
+    if not is_launch_rank_zero(settings["devices"]):
+        folder = inherited_run_dir() or run_dir
+        if folder is None and resume_checkpoint is not None:
+            folder = find_resume_checkpoint(resume_checkpoint)[1]
+        if folder is None:
+            raise RunFolderError("several processes write one run: give them the same --run-dir")
+        yield prepare_run_dir(folder)
+        return
+    if run_dir is None and resume_checkpoint is None and launch_world_size() > 1:
+        raise RunFolderError(f"{launch_world_size()} processes write one run: give them all the same --run-dir")
+    run_dir = make_run_dir(run_dir, name, resume_checkpoint)
+    with training_session(run_dir, config, resume_checkpoint, resumable), relaunchable(run_dir):
+        yield run_dir
+
+
+def add_data_arguments(parser, kinds: str = "a captioned image folder") -> None:
+    """``--data`` (what :mod:`ldm.data.sources` recognises), ``--val-fraction``, ``--epoch-length``."""
+    parser.add_argument("--data", default=None,
+                        help=f"train on this instead of the config's dataset: {kinds}, or WebDataset shards "
+                             "('shards/train-{000000..000099}.tar', a folder of .tar files, a URL)")
+    parser.add_argument("--val-fraction", type=float, default=0.02,
+                        help="with --data: hold out this fraction (fixed by the seed) for validation unless the "
+                             "data has its own train/ and validation/ folders; 0: no validation")
+    parser.add_argument("--epoch-length", type=int, default=None,
+                        help="with shards: samples per process and epoch (required with several processes)")
+
+
+SCALE_FLAGS = {"--devices": "devices", "--num-nodes": "num_nodes", "--strategy": "strategy",
+               "--accumulate-grad-batches": "accumulate_grad_batches"}
+
+
+def add_scale_arguments(parser) -> None:
+    """``--devices N|auto``, ``--num-nodes M``, ``--strategy``, ``--accumulate-grad-batches K`` (Lightning's names;
+    each overrides its ``lightning:`` key)."""
+    group = parser.add_argument_group("several devices and nodes (Lightning)")
+    group.add_argument("--devices", default=None, help="devices per node: a number or auto (lightning.devices)")
+    group.add_argument("--num-nodes", type=int, default=None, help="nodes (lightning.num_nodes)")
+    group.add_argument("--strategy", default=None,
+                       help="auto (DDP when there are several processes), ddp, ddp_spawn, fsdp, deepspeed")
+    group.add_argument("--accumulate-grad-batches", type=int, default=None,
+                       help="micro-batches per optimizer step (lightning.accumulate_grad_batches)")
+
+
+def apply_scale_arguments(config: Any, args) -> None:
+    """Write the flags :func:`add_scale_arguments` defined into ``config.lightning``."""
+    section = dict(to_container(config.get("lightning") or {}))
+    for flag, key in SCALE_FLAGS.items():
+        value = getattr(args, key)
+        if value is not None:
+            section[key] = int(value) if key == "devices" and str(value).isdigit() else value
+    config.lightning = section
 
 
 def exit_if_stopped(trainer: pl.Trainer) -> None:
@@ -689,13 +917,29 @@ def build_dataloader(
     making an iterator never draws from the global random state that training uses.
     """
     dataset = build_dataset(node, path)
+    seed = 0 if seed is None else int(seed)
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        # shards: the dataset splits itself across ranks and workers, shuffles in its buffer, and has no position
+        # to resume (ldm.resume)
+        return torch.utils.data.DataLoader(dataset, batch_size=int(batch_size), num_workers=int(num_workers),
+                                           drop_last=drop_last, persistent_workers=num_workers > 0,
+                                           generator=torch.Generator().manual_seed(seed))
     if len(dataset) == 0:
         raise ValueError(f"{path}: the dataset is empty")
     if drop_last and len(dataset) < batch_size:
         where = path.rsplit(".", 1)[0]
         raise ValueError(f"{path}: {len(dataset)} samples are fewer than one batch of {batch_size}; set a smaller "
                          f"batch, e.g. {where}.batch_size={max(1, len(dataset))} on the command line")
-    seed = 0 if seed is None else int(seed)
+    if getattr(dataset, "buckets", False) is True:
+        # aspect-ratio buckets: every batch from one bucket so that its images stack
+        try:
+            batch_sampler = BucketBatchSampler(dataset.bucket_ids, int(batch_size), seed=seed, shuffle=shuffle,
+                                               drop_last=drop_last)
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from error
+        return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, num_workers=int(num_workers),
+                                           persistent_workers=num_workers > 0,
+                                           generator=torch.Generator().manual_seed(seed))
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=int(batch_size),
@@ -747,6 +991,30 @@ def build_dataloaders(
         val = build_dataloader(node["validation"], int(node.get("val_batch_size", batch_size)), shuffle=False,
                                num_workers=num_workers, path=f"{where}.validation")
     return train, val
+
+
+def data_captions(dataset: Any, count: int = 8, look_at: int = 64, caption_key: str = "caption") -> list[str]:
+    """Up to ``count`` distinct non-empty captions from the first ``look_at`` items of ``dataset``, in its order:
+    the fixed prompts of the sample grids when training on the user's data."""
+    captions: list[str] = []
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        items = iter(dataset)
+    else:
+        inner, indices = dataset, range(len(dataset))
+        if hasattr(dataset, "indices") and hasattr(dataset, "dataset"):  # a held-out split of a folder
+            inner, indices = dataset.dataset, dataset.indices
+        samples = getattr(inner, "samples", None)  # a captioned folder knows its captions without decoding images
+        if isinstance(samples, list) and samples and isinstance(samples[0], tuple):
+            items = ({caption_key: samples[i][1]} for i in indices)
+        else:
+            items = (dataset[i] for i in indices)
+    for number, item in enumerate(items):
+        if number >= look_at or len(captions) >= count:
+            break
+        caption = item.get(caption_key) if isinstance(item, Mapping) else None
+        if isinstance(caption, str) and caption.strip() and caption not in captions:
+            captions.append(caption)
+    return captions
 
 
 def steps_summary(timer: StepTimer) -> str:

@@ -13,7 +13,7 @@ import torch
 # The tests' own datasets appear in run folders' config.yaml; a user adds their classes the same way.
 from ldm.util import allow_target  # noqa: E402
 
-allow_target("tests.helpers.TinyCaptionedImages")
+allow_target("tests.helpers.TinyCaptionedImages", "tests.helpers.FixedNoiseImages", "tests.helpers.FixedNoiseTrainer")
 
 
 @pytest.fixture(autouse=True)

@@ -240,9 +240,29 @@ def test_train_script_data_folder_option(tmp_path, blobs_module):
     train_autoencoder.main(["--config", str(config), "--data", str(folder), "--run-dir", str(run),
                             "--max-steps", "1"])
     saved = yaml.safe_load((run / "config.yaml").read_text())
-    train_node = saved["data"]["params"]["train"]
-    assert train_node["target"] == "ldm.data.image_folder.CaptionedImageFolder"
-    assert train_node["params"] == {"root": str(folder), "size": 16, "crop": "random", "flip": True,
-                                    "caption_source": "none"}
-    assert saved["data"]["params"]["validation"]["params"]["crop"] == "center"
+    train_node, val_node = saved["data"]["params"]["train"], saved["data"]["params"]["validation"]
+    # a flat folder: a held-out part validates (not the training images again)
+    assert train_node["target"] == val_node["target"] == "ldm.data.split.HeldOutSplit"
+    assert (train_node["params"]["part"], val_node["params"]["part"]) == ("train", "validation")
+    inner = train_node["params"]["dataset"]
+    assert inner["target"] == "ldm.data.image_folder.CaptionedImageFolder"
+    assert inner["params"] == {"root": str(folder), "size": 16, "crop": "random", "flip": True,
+                               "caption_source": "none"}
+    assert val_node["params"]["dataset"]["params"]["crop"] == "center"
+    from ldm.util import instantiate_from_config
+
+    train_set, val_set = instantiate_from_config(train_node), instantiate_from_config(val_node)
+    assert (len(train_set), len(val_set)) == (3, 1) and not set(train_set.indices) & set(val_set.indices)
     assert (run / "autoencoder.safetensors").is_file()
+
+    # a folder with its own train/ and validation/ folders: that split, nothing held out
+    split = tmp_path / "split"
+    for part, count in (("train", 3), ("validation", 2)):
+        (split / part).mkdir(parents=True)
+        for i in range(count):
+            Image.open(folder / f"img{i}.png").save(split / part / f"img{i}.png")
+    run2 = tmp_path / "run2"
+    train_autoencoder.main(["--config", str(config), "--data", str(split), "--run-dir", str(run2), "--max-steps", "1"])
+    saved = yaml.safe_load((run2 / "config.yaml").read_text())["data"]["params"]
+    assert saved["train"]["params"]["root"] == str(split / "train")
+    assert saved["validation"]["params"]["root"] == str(split / "validation")

@@ -58,6 +58,8 @@ def run(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | No
 
 
 # subcommand -> (module in ldm.cli, one line for `ldm --help`)
+ARGV0: str | None = None  # sys.argv[0] as the process was started, when main() renamed it
+
 COMMANDS = {
     "train-autoencoder": ("train_autoencoder", "train the KL autoencoder (stage 1)"),
     "compute-scale-factor": ("compute_scale_factor", "measure an autoencoder's latent scale factor"),
@@ -69,6 +71,8 @@ COMMANDS = {
     "inpaint": ("inpaint", "repaint the masked part of an image with a prompt"),
     "evaluate": ("evaluate", "prompt accuracy on the shapes benchmark (and the sampler sweep)"),
     "layout-leak": ("layout_leak", "where a schedule stops hiding the layout"),
+    "make-shards": ("make_shards", "write WebDataset tar shards from a captioned image folder"),
+    "cache-latents": ("cache_latents", "precompute autoencoder latents (and text contexts) for training"),
     "convert": ("convert_checkpoint", "convert between ours, Stable Diffusion single files and diffusers"),
     "demo": ("demo", "train the shapes demo end to end and sample"),
 }
@@ -93,5 +97,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(2)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     module = importlib.import_module(f"ldm.cli.{COMMANDS[name][0]}")
-    sys.argv[0] = f"ldm {name}"  # what the subcommand's usage line shows
+    global ARGV0
+    # what the subcommand's usage line shows; ldm.distributed.relaunchable puts the real one back while training
+    ARGV0, sys.argv[0] = sys.argv[0], f"ldm {name}"
     run(module.main, rest)

@@ -33,10 +33,16 @@ from autoencoder.io import save_autoencoder
 from autoencoder.losses import PerceptualWeightsUnavailable
 from autoencoder.scale import latent_statistics
 from ldm.cli import run
-from ldm.run_folder import find_resume_checkpoint, make_run_dir, training_session
+from ldm.data.sources import train_val_nodes
+from ldm.run_folder import find_resume_checkpoint
 from ldm.threads import add_threads_argument, configure_threads
 from ldm.training import (
     RESUMABLE_LIGHTNING_KEYS,
+    add_data_arguments,
+    add_scale_arguments,
+    apply_scale_arguments,
+    set_learning_rate,
+    training_run,
     build_dataloaders,
     exit_if_stopped,
     lightning_settings,
@@ -62,13 +68,14 @@ RESUMABLE_KEYS = tuple(f"lightning.{key}" for key in RESUMABLE_LIGHTNING_KEYS) +
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None, help="configs/autoencoder/<name>.yaml (default with --resume: the run's config.yaml)")
-    parser.add_argument("--data", default=None, help="train on this image folder instead of the config's dataset")
+    add_data_arguments(parser, "an image folder")
     parser.add_argument("--max-steps", type=int, default=None, help="override lightning.max_steps")
     parser.add_argument("--max-minutes", type=float, default=None,
                         help="stop after this much training time (counted across resumes; 0: no limit)")
     parser.add_argument("--resume", default=None, help="a Lightning checkpoint or a run folder (uses checkpoints/last.ckpt)")
     parser.add_argument("--run-dir", default=None, help="default: runs/<config name>-<time> (or the resumed run)")
     parser.add_argument("overrides", nargs="*", help="config overrides as a dotlist, e.g. lightning.precision=bf16-mixed")
+    add_scale_arguments(parser)
     add_allow_target_argument(parser)
     add_threads_argument(parser)
     return parser.parse_args(argv)
@@ -80,30 +87,15 @@ def data_section(data_config) -> dict:
     return data["params"] if isinstance(data.get("params"), dict) else data
 
 
-def image_folder_nodes(root: str, size: int) -> dict:
-    """Dataset nodes for a folder of images: random crops + flips to train, center crops to validate.
-
-    ``root/train`` and ``root/validation`` (or ``root/val``) are used when they exist; otherwise the whole
-    folder serves both (the validation numbers are then not held out).
-    """
-    if not os.path.isdir(root):
-        raise FileNotFoundError(f"--data: not a directory: {root}")
-    train_root, val_root = root, root
-    if os.path.isdir(os.path.join(root, "train")):
-        train_root = os.path.join(root, "train")
-        for name in ("validation", "val"):
-            if os.path.isdir(os.path.join(root, name)):
-                val_root = os.path.join(root, name)
-                break
-        else:
-            val_root = train_root
-    return {
-        "train": {"target": IMAGE_FOLDER_TARGET,
-                  "params": {"root": train_root, "size": size, "crop": "random", "flip": True, "caption_source": "none"}},
-        "validation": {"target": IMAGE_FOLDER_TARGET,
-                       "params": {"root": val_root, "size": size, "crop": "center", "flip": False,
-                                  "caption_source": "none"}},
-    }
+def image_folder_nodes(root: str, size: int, val_fraction: float = 0.02, seed: int = 0,
+                       epoch_length: int | None = None) -> dict:
+    """``{"train", "validation"}`` dataset nodes for ``--data root`` without captions (random crops + flips to
+    train, center crops to validate; :func:`ldm.data.sources.train_val_nodes` picks the validation set, and
+    ``"validation"`` is ``None`` when there is none)."""
+    train, validation, how = train_val_nodes(root, size, val_fraction, seed, caption_source="none", flip=True,
+                                             epoch_length=epoch_length)
+    log.info("--data %s: validation set: %s", root, how)
+    return {"train": train, "validation": validation}
 
 
 def image_size(config) -> int:
@@ -112,19 +104,17 @@ def image_size(config) -> int:
     return int(size) if size else int(config.model.params.ddconfig.resolution)
 
 
-def apply_learning_rate(config) -> float:
-    """CompVis: ``lr = base_learning_rate * batch_size`` (one device, no accumulation) when ``lightning.scale_lr``."""
+def base_learning_rate(config) -> float:
+    """``model.base_learning_rate`` (CompVis: scaled by the global batch when ``lightning.scale_lr``, see
+    :func:`ldm.training.set_learning_rate`) or else ``model.params.learning_rate`` as it is."""
     params = config.model.params
     base = config.model.get("base_learning_rate")
     if base is None:
         if params.get("learning_rate") is None:
             raise ValueError("model.params.learning_rate or model.base_learning_rate must be set")
         return float(params.learning_rate)
-    lr = float(base)
-    if config.get("lightning", {}).get("scale_lr", False):
-        lr *= int(data_section(config.data).get("batch_size", 16))
-    params.learning_rate = lr
-    return lr
+    params.learning_rate = float(base)  # the module needs one; set_learning_rate scales it for the launch
+    return float(base)
 
 
 def main(argv=None) -> str:
@@ -151,7 +141,8 @@ def main(argv=None) -> str:
     if "lightning" not in config:
         config.lightning = {}
     if args.data:
-        nodes = image_folder_nodes(args.data, image_size(config))
+        nodes = image_folder_nodes(args.data, image_size(config), args.val_fraction,
+                                   int((config.get("lightning") or {}).get("seed", 0)), args.epoch_length)
         target = config.data.params if "params" in config.data else config.data
         target.train = nodes["train"]
         target.validation = nodes["validation"]
@@ -159,8 +150,9 @@ def main(argv=None) -> str:
         config.lightning.max_steps = args.max_steps
     if args.max_minutes is not None:
         config.lightning.max_minutes = args.max_minutes
+    apply_scale_arguments(config, args)
     settings = lightning_settings(config.lightning, image_every=500)
-    lr = apply_learning_rate(config)
+    lr = base_learning_rate(config)
     seed = settings["seed"]
     import pytorch_lightning as pl
 
@@ -175,14 +167,16 @@ def main(argv=None) -> str:
     name = os.path.splitext(os.path.basename(args.config))[0]
     if args.resume and name == "config":
         name = os.path.basename(os.path.normpath(str(resumed_run)))
-    run_dir = make_run_dir(args.run_dir, name, resume_ckpt)
-    with training_session(run_dir, config, resume_ckpt, RESUMABLE_KEYS):
-        trainer = trainer_from_settings(run_dir, settings, train_loader, val_loader)
+    module.accumulate_grad_batches = settings["accumulate_grad_batches"]  # manual optimization accumulates itself
+    with training_run(args.run_dir, name, resume_ckpt, config, RESUMABLE_KEYS, settings) as run_dir:
+        trainer = trainer_from_settings(run_dir, settings, train_loader, val_loader, automatic_optimization=False)
+        lr = set_learning_rate(trainer, module, lr, train_loader.batch_size or 1, settings)
         log.info("run folder %s; learning rate %.3g; %d parameters", run_dir, lr,
                  sum(p.numel() for p in module.autoencoder.parameters()))
         trainer.fit(module, train_loader, val_loader, ckpt_path=str(resume_ckpt) if resume_ckpt else None)
-        trainer.save_checkpoint(str(run_dir / "checkpoints" / "last.ckpt"), weights_only=False)
         log.info("training: %s (%d in all)", steps_summary(trainer.step_timer), trainer.global_step)
+        if not trainer.is_global_zero:
+            return None  # rank 0 measures the scale factor and writes the weights
 
         autoencoder = module.inference_autoencoder().to("cpu").eval()  # the EMA weights when the config keeps them
         stats = latent_statistics(

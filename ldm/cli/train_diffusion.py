@@ -28,14 +28,21 @@ from ldm.cli import run
 from ldm.inpainting import widen_input_conv
 from ldm.interop import add_checkpoint_arguments, is_our_format, load_single_file
 from ldm.models.latent_diffusion import LatentDiffusion
-from ldm.run_folder import find_resume_checkpoint, make_run_dir, training_session
+from ldm.run_folder import find_resume_checkpoint
 from ldm.threads import add_threads_argument, configure_threads
+from ldm.data.sources import train_val_nodes
 from ldm.training import (
     RESUMABLE_LIGHTNING_KEYS,
+    add_data_arguments,
+    add_scale_arguments,
+    apply_scale_arguments,
     build_dataloaders,
+    data_captions,
     exit_if_stopped,
     lightning_settings,
+    set_learning_rate,
     trainer_from_settings,
+    training_run,
 )
 from ldm.util import (
     ConfigError,
@@ -61,12 +68,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="start from a trained model file (train_diffusion/export output): fine-tuning or "
                              "longer training; its autoencoder and scale factor are used, --autoencoder is not needed")
     add_checkpoint_arguments(parser, "--config-from")  # with --init-from an original Stable Diffusion file
-    parser.add_argument("--data", default=None, help="a captioned image folder instead of the config's dataset")
+    add_data_arguments(parser, "a captioned image folder, a latent cache (ldm cache-latents)")
     parser.add_argument("--max-steps", type=int, default=None)
     parser.add_argument("--resume", default=None,
                         help="a run folder (its newest valid checkpoint) or a Lightning checkpoint file")
     parser.add_argument("--run-dir", default=None, help="default: runs/<config name>-<time>")
     parser.add_argument("overrides", nargs="*", help="config overrides as dotlist, e.g. trainer.params.learning_rate=1e-4")
+    add_scale_arguments(parser)
     add_allow_target_argument(parser)
     add_threads_argument(parser)
     return parser.parse_args(argv)
@@ -124,6 +132,7 @@ def main(argv=None) -> str:
     check_config(config)
     if args.max_steps is not None:
         config.lightning = {**to_container(config.get("lightning") or {}), "max_steps": args.max_steps}
+    apply_scale_arguments(config, args)
     settings = lightning_settings(config.get("lightning"), image_every=1000)
 
     pl.seed_everything(settings["seed"])  # the frozen random text tower depends on it
@@ -135,18 +144,28 @@ def main(argv=None) -> str:
         config.model = model.config
     if args.data:
         data = config.data.params if "params" in config.data else config.data
-        data.train = {
-            "target": "ldm.data.image_folder.CaptionedImageFolder",
-            "params": {"root": args.data, "size": (model.config or {}).get("image_size", 64), "crop": "random", "flip": False},
-        }
-        data.pop("validation", None)
-    module = instantiate_from_config(config.trainer, path="trainer", model=model)
+        # no flips: a caption that says "left" must stay true of its image
+        data.train, validation, how = train_val_nodes(args.data, (model.config or {}).get("image_size", 64),
+                                                      args.val_fraction, settings["seed"],
+                                                      epoch_length=args.epoch_length)
+        data.validation = validation
+        log.info("--data %s: validation set: %s", args.data, how)
     train_loader, val_loader = build_dataloaders(config.data, seed=settings["seed"])
+    if hasattr(train_loader.dataset, "check_compatible"):  # a latent cache made with another autoencoder: refused
+        # a text encoder that trains encodes the captions itself: cached contexts do not have to match it
+        trainable = bool((config.trainer.get("params") or {}).get("cond_stage_trainable", False))
+        train_loader.dataset.check_compatible(model, text_encoder=not trainable)
+    if args.data and not any(item.startswith("trainer.params.sample_prompts") for item in args.overrides):
+        # grids of the data's own captions, not the config's shapes prompts
+        captions = data_captions(train_loader.dataset)
+        if captions:
+            config.trainer.params.sample_prompts = captions
+    module = instantiate_from_config(config.trainer, path="trainer", model=model)
     # Only now: a bad model, trainer or data config fails without leaving an empty run folder behind.
     name = os.path.splitext(os.path.basename(args.config or str(resumed_run)))[0]
-    run_dir = make_run_dir(args.run_dir, name, args.resume)
-    with training_session(run_dir, config, resume_ckpt, RESUMABLE_KEYS):
+    with training_run(args.run_dir, name, resume_ckpt, config, RESUMABLE_KEYS, settings) as run_dir:
         trainer = trainer_from_settings(run_dir, settings, train_loader, val_loader)
+        set_learning_rate(trainer, module, module.learning_rate, train_loader.batch_size or 1, settings)
         start = time.perf_counter()
         try:
             trainer.fit(module, train_loader, val_loader, ckpt_path=resume_ckpt)
@@ -156,6 +175,8 @@ def main(argv=None) -> str:
                 raise
             log.warning("interrupted at step %d: exporting the EMA weights so far", trainer.global_step)
         minutes = (time.perf_counter() - start) / 60
+        if not trainer.is_global_zero:
+            return None  # rank 0 exports
 
         weights = os.path.join(run_dir, "model.safetensors")
         export_dtype = getattr(torch, settings["export_dtype"])

@@ -31,6 +31,13 @@ Decoding, so that no image trains silently wrong:
 * 16-bit greyscale PNGs (PIL modes ``I;16*`` and ``I``) are scaled by 1/65535 and kept in float through the resize,
   instead of being clipped at 255 (which turned everything above 0.4% grey into white). PIL opens 16-bit RGB PNGs
   as 8-bit RGB itself. Mode ``F`` (float) is taken to be in [0, 1].
+
+Aspect-ratio buckets (``buckets=True``, see :mod:`ldm.data.buckets`): instead of a ``size x size`` crop, each image
+is scaled to cover the bucket of its aspect ratio (about ``size ** 2`` pixels) and cropped to it. The sizes come
+from the file headers at construction (oriented as displayed); a file whose header cannot be read is skipped
+there. Batches must then come from one bucket each: use ``BucketBatchSampler(dataset.bucket_ids, batch_size)`` as
+the loader's ``batch_sampler``. An image that fails at load time is replaced by the next good one of the same
+bucket (else by any good image, cropped to that bucket's shape), so that a batch always stacks.
 """
 
 from __future__ import annotations
@@ -41,12 +48,14 @@ import os
 import struct
 import zlib
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
-from PIL import Image, ImageColor, ImageOps
+from PIL import ExifTags, Image, ImageColor, ImageOps
 from torch.utils.data import Dataset
+
+from ldm.data.buckets import assign_bucket, make_buckets
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +71,8 @@ _IMAGE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.
 _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
 # High-bit-depth greyscale: a 16-bit PNG opens as "I;16" (or "I" in older Pillow), values 0..65535.
 _WIDE_GREY_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+# EXIF orientations that display the stored pixels turned by 90 or 270 degrees (width and height swap).
+_SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})
 
 
 def parse_background(background) -> tuple[int, int, int]:
@@ -180,25 +191,45 @@ def _decode_utf8(data: bytes, where: str, bom: bool = True) -> str:
         ) from error
 
 
-def resize_and_crop(image: Image.Image, size: int, crop: str = "center", flip: bool = False,
+def resize_and_crop(image: Image.Image, size: int | tuple[int, int], crop: str = "center", flip: bool = False,
                     generator: Optional[torch.Generator] = None) -> Image.Image:
-    """Shorter side to ``size`` (bicubic, antialiased when shrinking), then a ``size x size`` center/random crop
-    and, if ``flip``, a horizontal flip with probability 1/2. Randomness comes from torch's RNG, which a
-    ``DataLoader`` seeds differently in every worker."""
+    """Scale to cover ``size`` (bicubic, antialiased when shrinking), then a center/random crop to it and, if
+    ``flip``, a horizontal flip with probability 1/2. ``size`` is a side (a square: the shorter side goes to it) or
+    a ``(width, height)`` bucket. Randomness comes from torch's RNG, which a ``DataLoader`` seeds differently in
+    every worker."""
+    out_w, out_h = (int(size[0]), int(size[1])) if isinstance(size, (tuple, list)) else (int(size), int(size))
     w, h = image.size
-    scale = size / min(w, h)
-    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
+    # For a square this is size / min(w, h): the covering scale is set by the side that fits tighter.
+    scale = max(out_w / w, out_h / h)
+    new_w, new_h = max(out_w, round(w * scale)), max(out_h, round(h * scale))
     if (new_w, new_h) != (w, h):
         image = image.resize((new_w, new_h), Image.Resampling.BICUBIC, reducing_gap=None)
     if crop == "center":
-        left, top = (new_w - size) // 2, (new_h - size) // 2
+        left, top = (new_w - out_w) // 2, (new_h - out_h) // 2
     else:
-        left = int(torch.randint(0, new_w - size + 1, (), generator=generator))
-        top = int(torch.randint(0, new_h - size + 1, (), generator=generator))
-    image = image.crop((left, top, left + size, top + size))
+        left = int(torch.randint(0, new_w - out_w + 1, (), generator=generator))
+        top = int(torch.randint(0, new_h - out_h + 1, (), generator=generator))
+    image = image.crop((left, top, left + out_w, top + out_h))
     if flip and bool(torch.rand((), generator=generator) < 0.5):
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return image
+
+
+def displayed_size(path: str | os.PathLike) -> tuple[int, int]:
+    """``(width, height)`` of an image file as displayed, from its header alone: swapped when the EXIF orientation
+    turns the picture by 90 or 270 degrees (as ``decode_image`` will). Raises what PIL raises for a bad header, and
+    ``OSError`` for a malformed EXIF block (which ``decode_image`` would refuse too)."""
+    with Image.open(path) as image:
+        width, height = image.size
+        if image.format == "PNG" and "exif" not in image.info:
+            # PIL's PNG getexif decodes every pixel to look for an eXIf chunk after them; writers put it before.
+            # One missed only costs the crop's fit: loading still crops to the assigned bucket's shape.
+            return width, height
+        try:
+            orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+        except Exception as error:
+            raise OSError(f"cannot read the EXIF orientation ({type(error).__name__}: {error})") from error
+    return (height, width) if orientation in _SWAPPING_ORIENTATIONS else (width, height)
 
 
 def pil_to_tensor(image: Image.Image) -> torch.Tensor:
@@ -215,11 +246,13 @@ def pil_to_tensor(image: Image.Image) -> torch.Tensor:
 class CaptionedImageFolder(Dataset):
     """Captioned images under ``root``.
 
-    ``item = {image_key: float32 [3, size, size] in [-1, 1], caption_key: str}``.
+    ``item = {image_key: float32 [3, size, size] in [-1, 1], caption_key: str}``; with ``buckets=True``,
+    ``[3, h, w]`` with ``(w, h) = bucket_sizes[bucket_ids[index]]``.
 
     Args:
         root: folder, searched recursively for .png/.jpg/.jpeg/.webp files.
-        size: output side in pixels (shorter side resized to it, then cropped square).
+        size: output side in pixels (shorter side resized to it, then cropped square); with ``buckets``, the
+            buckets hold at most ``size ** 2`` pixels.
         crop: ``"center"`` or ``"random"``.
         flip: random horizontal flip (p = 0.5).
         caption_source: ``"metadata"`` (``metadata.jsonl`` only), ``"txt"`` (sidecar ``.txt`` only), ``"auto"``
@@ -229,6 +262,11 @@ class CaptionedImageFolder(Dataset):
         background: colour that transparent pixels are composited onto: ``[r, g, b]`` (ints 0..255) or a colour
             name / hex string (``"white"``, ``"black"``, ``"#808080"``). Default white, as a browser or image
             viewer shows a transparent PNG.
+        buckets: aspect-ratio buckets (see the module docstring): ``bucket_sizes`` lists the ``(width, height)``
+            shapes, ``bucket_ids`` the bucket of each index.
+        bucket_step: bucket sides are multiples of this (64: latents of an f8 autoencoder stay multiples of 8).
+        min_bucket_size, max_bucket_size: bounds of a bucket side, multiples of ``bucket_step``; ``None``: half and
+            twice ``size`` (rounded to the step), kohya's 256 and 1024 at 512.
 
     Skipped (unreadable) images: ``num_skipped``, ``skipped_paths``, ``skip_summary()``; they include skips made
     in ``DataLoader`` worker processes (see the module docstring).
@@ -245,6 +283,10 @@ class CaptionedImageFolder(Dataset):
         caption_key: str = "caption",
         verify: bool = False,
         background=(255, 255, 255),
+        buckets: bool = False,
+        bucket_step: int = 64,
+        min_bucket_size: Optional[int] = None,
+        max_bucket_size: Optional[int] = None,
     ):
         if crop not in ("center", "random"):
             raise ValueError(f"crop must be 'center' or 'random', got {crop!r}")
@@ -320,10 +362,66 @@ class CaptionedImageFolder(Dataset):
             if not good:
                 raise ValueError(f"all {len(self.samples)} images under {self.root} failed verification")
             self.samples = good
+        self.buckets = bool(buckets)
+        self.bucket_sizes: list[tuple[int, int]] = []
+        self.bucket_ids: list[int] = []
+        if self.buckets:
+            self._assign_buckets(bucket_step, min_bucket_size, max_bucket_size)
         # One flag per sample, 1 = failed to load. Shared memory, so that a flag set in a DataLoader worker is seen
         # by the main process (for the count) and by the other workers (which then skip the file without
         # re-reading it or logging it again). Fork inherits the mapping; spawn pickles it as a shared handle.
         self._skip_flags = torch.zeros(len(self.samples), dtype=torch.uint8).share_memory_()
+
+    def _assign_buckets(self, step, min_size, max_size) -> None:
+        """Fill ``bucket_sizes`` and ``bucket_ids`` from the image headers, dropping (and counting) the files whose
+        header cannot be read."""
+        try:
+            self.bucket_sizes = make_buckets(self.size, step, min_size, max_size)
+        except ValueError as error:
+            raise ValueError(f"CaptionedImageFolder(size={self.size}, bucket_step={step!r}, min_bucket_size="
+                             f"{min_size!r}, max_bucket_size={max_size!r}): {error}") from error
+        kept = []
+        for path, caption in self.samples:
+            try:
+                width, height = displayed_size(path)
+            except _IMAGE_ERRORS as error:
+                self._dropped.append(path)
+                self._log_skip(path, error)
+                continue
+            kept.append((path, caption))
+            self.bucket_ids.append(assign_bucket(width, height, self.bucket_sizes))
+        if not kept:
+            raise ValueError(f"no image header under {self.root} could be read ({len(self.samples)} tried)")
+        self.samples = kept
+        members: dict[int, list[int]] = {}
+        # Each index's place among its bucket's members, so that finding a replacement costs no search.
+        self._bucket_position: list[int] = []
+        for index, bucket in enumerate(self.bucket_ids):
+            self._bucket_position.append(len(members.setdefault(bucket, [])))
+            members[bucket].append(index)
+        self._bucket_members = members
+        logger.info("%d images under %s in %d buckets: %s", len(kept), self.root, len(members),
+                    ", ".join(f"{self.bucket_sizes[b][0]}x{self.bucket_sizes[b][1]}: {len(members[b])}"
+                              for b in sorted(members)))
+
+    def output_size(self, index: int) -> tuple[int, int]:
+        """``(width, height)`` of item ``index``: its bucket's shape, or ``(size, size)``."""
+        if self.buckets:
+            return self.bucket_sizes[self.bucket_ids[index]]
+        return self.size, self.size
+
+    def _candidates(self, index: int) -> Iterator[int]:
+        """Indices to try for item ``index``, in order: itself, then its replacements if it fails to load -- the
+        next ones (wrap-around), those of its own bucket first so that the replacement keeps the aspect ratio."""
+        n = len(self.samples)
+        if not self.buckets:
+            yield from ((index + step) % n for step in range(n))
+            return
+        members = self._bucket_members[self.bucket_ids[index]]
+        start = self._bucket_position[index]
+        yield from (members[(start + step) % len(members)] for step in range(len(members)))
+        yield from (j for j in ((index + step) % n for step in range(1, n))
+                    if self.bucket_ids[j] != self.bucket_ids[index])
 
     @property
     def skipped_paths(self) -> list[str]:
@@ -358,14 +456,14 @@ class CaptionedImageFolder(Dataset):
     def _log_skip(path: str, error: BaseException) -> None:
         logger.warning("skipping unreadable image %s (%s: %s)", path, type(error).__name__, error)
 
-    def load(self, index: int) -> torch.Tensor:
-        """Read, orient, composite, resize, crop and (maybe) flip image ``index`` -> ``float32 [3, size, size]`` in
-        ``[-1, 1]``; raises what PIL raises for a bad file."""
+    def load(self, index: int, size: Optional[tuple[int, int]] = None) -> torch.Tensor:
+        """Read, orient, composite, resize, crop and (maybe) flip image ``index`` -> ``float32 [3, h, w]`` in
+        ``[-1, 1]``, ``(w, h)`` = ``size`` or :meth:`output_size`; raises what PIL raises for a bad file."""
         path = self.samples[index][0]
         with Image.open(path) as image:
             image.load()
             image = decode_image(image, self.background)
-        image = resize_and_crop(image, self.size, self.crop, self.flip)
+        image = resize_and_crop(image, size or self.output_size(index), self.crop, self.flip)
         return pil_to_tensor(image)
 
     def __getitem__(self, index: int) -> dict:
@@ -373,12 +471,12 @@ class CaptionedImageFolder(Dataset):
         if not -n <= index < n:
             raise IndexError(f"index {index} out of range for CaptionedImageFolder of length {n}")
         index %= n
-        for step in range(n):
-            j = (index + step) % n
+        shape = self.output_size(index)
+        for j in self._candidates(index):
             if self._skip_flags[j]:
                 continue
             try:
-                image = self.load(j)
+                image = self.load(j, shape)
             except _IMAGE_ERRORS as error:
                 self._skip_flags[j] = 1
                 self._log_skip(self.samples[j][0], error)
@@ -387,5 +485,6 @@ class CaptionedImageFolder(Dataset):
         raise RuntimeError(f"every image under {self.root} failed to load ({self.num_skipped} skipped)")
 
     def __repr__(self) -> str:
+        buckets = f", buckets={len(set(self.bucket_ids))}" if self.buckets else ""
         return (f"CaptionedImageFolder(root={str(self.root)!r}, n={len(self)}, size={self.size}, crop={self.crop!r}, "
-                f"flip={self.flip})")
+                f"flip={self.flip}{buckets})")

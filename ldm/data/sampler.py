@@ -4,6 +4,10 @@ Epoch ``e`` visits ``randperm(n, seed + e)``: the order depends only on the seed
 random state, and ``resume(epoch, offset)`` makes the next pass over that epoch start at sample ``offset``. Lightning
 calls :meth:`set_epoch` at each epoch start; the training callback :class:`ldm.resume.ResumeState` saves and
 restores the position from the number of batches trained.
+
+With several training processes (:meth:`set_distributed`), rank ``r`` of ``w`` takes every ``w``-th sample of that
+one global order, starting at ``offset + r``, cut to the same length on every rank. ``offset`` counts samples of the
+global order, so a checkpoint written by ``N`` processes resumes on ``M`` at the same place in the epoch.
 """
 
 from __future__ import annotations
@@ -30,12 +34,21 @@ class ResumableRandomSampler(Sampler[int]):
         self.seed = int(seed)
         self.shuffle = bool(shuffle)
         self.epoch = 0
+        self.rank, self.world_size = 0, 1
         self._resume: tuple[int, int] | None = None
 
+    def set_distributed(self, rank: int, world_size: int) -> None:
+        """Make this the sampler of process ``rank`` of ``world_size`` (called by the trainer once it knows)."""
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not one of {world_size} process(es)")
+        if world_size > self.num_samples:
+            raise ValueError(f"{self.num_samples} samples cannot be split over {world_size} processes")
+        self.rank, self.world_size = int(rank), int(world_size)
+
     def __len__(self) -> int:
-        # The full epoch even when resuming mid-way: Lightning counts the epoch's batches from this and restores
-        # how many of them were done.
-        return self.num_samples
+        # The full epoch (this rank's share) even when resuming mid-way: Lightning counts the epoch's batches from
+        # this and restores how many of them were done.
+        return self.num_samples // self.world_size
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -58,4 +71,8 @@ class ResumableRandomSampler(Sampler[int]):
             if epoch == self.epoch:
                 offset = resume_offset
             self._resume = None
-        yield from self.order(self.epoch)[offset:].tolist()
+        if self.world_size == 1:
+            yield from self.order(self.epoch)[offset:].tolist()
+            return
+        share = (self.num_samples - offset) // self.world_size
+        yield from self.order(self.epoch)[offset + self.rank::self.world_size][:share].tolist()

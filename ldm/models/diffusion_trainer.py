@@ -22,6 +22,8 @@ from ldm.diffusion import diffusion_loss, high_noise_timestep_density, sample_ti
 from ldm.models.latent_diffusion import LatentDiffusion
 from ldm.inpainting import concat_conditioning, random_masks
 from ldm.modules.ema import EMA
+from ldm.distributed import rank_seed
+from ldm.resume import gather_from_ranks
 from ldm.training import set_base_learning_rate
 
 
@@ -51,6 +53,26 @@ def warmup_lr_factor(step: int, warmup_steps: int, schedule: str = "constant", t
         raise ValueError(f"lr_schedule 'cosine' needs the total number of steps, got {total_steps}")
     progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
     return min_factor + (1.0 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def posterior_latents(mean: torch.Tensor, std: torch.Tensor, scale_factor: float, sample: bool,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+    """Cached posterior moments ``mean, std [B,C,h,w]`` -> scaled latents ``z0 [B,C,h,w]``.
+
+    ``sample``: ``z0 = scale_factor * (mean + std * eps)``, ``eps ~ N(0, I)`` drawn as
+    ``DiagonalGaussianDistribution.sample`` draws it (same shape, dtype and stream), so under the same seed this is
+    ``model.encode_images(images, sample=True)``; else the posterior mode ``scale_factor * mean``."""
+    if not sample:
+        return mean * scale_factor
+    eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    return (mean + std * eps) * scale_factor
+
+
+def with_empty_prompt(context: torch.Tensor, dropped: Sequence[bool], empty: torch.Tensor) -> torch.Tensor:
+    """``context [B,L,D]`` with row ``i`` replaced by ``empty [1,L,D]`` (the empty prompt's context) where
+    ``dropped[i]``: caption dropout applied to cached contexts."""
+    mask = torch.tensor(list(dropped), dtype=torch.bool, device=context.device).view(-1, 1, 1)
+    return torch.where(mask, empty.to(context), context)
 
 
 class DiffusionTrainer(pl.LightningModule):
@@ -142,14 +164,21 @@ class DiffusionTrainer(pl.LightningModule):
         self.inpainting = bool((model.config or {}).get("inpainting"))
 
     # ---------------------------------------------------------------- data
-    def _unpack(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, list[str]]:
-        missing = [key for key in (self.image_key, self.caption_key) if key not in batch]
+    def _unpack(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor | None, list[str]]:
+        """``(images [B,3,H,W], captions)``; ``images`` is ``None`` for a latent-cache batch, which holds the
+        posterior's ``latent_mean`` and ``latent_std`` ``[B,C,h,w]`` instead (:mod:`ldm.data.latent_cache`)."""
+        from ldm.data.latent_cache import LATENT_MEAN, LATENT_STD
+
+        cached = self.image_key not in batch and (LATENT_MEAN in batch or LATENT_STD in batch)
+        needed = (LATENT_MEAN, LATENT_STD, self.caption_key) if cached else (self.image_key, self.caption_key)
+        missing = [key for key in needed if key not in batch]
         if missing:
             raise KeyError(
                 f"batch has no {missing} key(s) (configured image_key={self.image_key!r}, "
-                f"caption_key={self.caption_key!r}); the batch has keys {sorted(batch)}"
+                f"caption_key={self.caption_key!r}; a latent-cache batch holds {LATENT_MEAN!r} and "
+                f"{LATENT_STD!r} instead of images); the batch has keys {sorted(batch)}"
             )
-        images, captions = batch[self.image_key], batch[self.caption_key]
+        images, captions = (None if cached else batch[self.image_key]), batch[self.caption_key]
         if isinstance(captions, str):
             captions = [captions]
         return images, list(captions)
@@ -162,17 +191,38 @@ class DiffusionTrainer(pl.LightningModule):
     def batch_loss(self, batch: Mapping[str, Any], training: bool, generator: torch.Generator | None = None):
         """``(loss, batch size)``. Training: posterior samples, caption dropout, the configured timestep density and
         min-SNR weighting. Validation: posterior means, every caption, uniform ``t``, the plain unweighted loss
-        (comparable across configs)."""
+        (comparable across configs). A latent-cache batch gives the posterior (:func:`posterior_latents`) and, for a
+        frozen text encoder, the context (dropped rows: the empty prompt's) without running either encoder."""
+        from ldm.data.latent_cache import CONTEXT, LATENT_MEAN, LATENT_STD
+
         images, captions = self._unpack(batch)
-        latents = self.model.encode_images(images, sample=training)
+        if images is None:  # a latent-cache batch: the posterior is cached, the autoencoder does not run
+            if self.inpainting:
+                raise ValueError(
+                    "an inpainting model (9-channel UNet) trains on random masks over the pixels, which a latent "
+                    "cache does not hold: train it on images (an image folder or shards as --data)"
+                )
+            dtype = next(self.model.first_stage_model.parameters()).dtype  # what encode_images would return
+            latents = posterior_latents(batch[LATENT_MEAN].to(dtype), batch[LATENT_STD].to(dtype),
+                                        self.model.scale_factor, sample=training)
+        else:
+            latents = self.model.encode_images(images, sample=training)
         model_fn = self.model.model_fn
         if self.inpainting:  # the UNet also sees a random mask and the masked image's latents (SD's recipe)
             masks = random_masks(images.shape[0], images.shape[2], images.shape[3], generator).to(images)
             small = torch.nn.functional.interpolate(masks, size=latents.shape[-2:], mode="nearest")
             masked = self.model.encode_images(images * (1 - masks), sample=False)
             model_fn = concat_conditioning(self.model.model_fn, torch.cat([small, masked], dim=1))
-        with torch.set_grad_enabled(training and self.cond_stage_trainable and torch.is_grad_enabled()):
-            context = self.model.encode_text(self.drop_captions(captions) if training else captions)
+        # a frozen text encoder's cached output is what it would compute now; a trained one changes every step
+        if CONTEXT in batch and not self.cond_stage_trainable:
+            context = batch[CONTEXT].to(next(self.model.cond_stage_model.parameters()).dtype)
+            if training:  # the same dropout draws as below; a dropped row gets the empty prompt's context
+                dropped = [caption == "" for caption in self.drop_captions(captions)]
+                if any(dropped):
+                    context = with_empty_prompt(context, dropped, self.model.empty_context(1))
+        else:
+            with torch.set_grad_enabled(training and self.cond_stage_trainable and torch.is_grad_enabled()):
+                context = self.model.encode_text(self.drop_captions(captions) if training else captions)
         t = None
         if training and self.timestep_density is not None:
             t = sample_timesteps(len(latents), self.model.schedule.num_timesteps, latents.device, generator,
@@ -207,21 +257,31 @@ class DiffusionTrainer(pl.LightningModule):
     def on_train_start(self) -> None:
         set_base_learning_rate(self.trainer, self.learning_rate)
 
+    def setup(self, stage: str) -> None:
+        if self.trainer.global_rank:  # each rank drops its own captions; rank 0 keeps the one-process stream
+            self._caption_rng.seed(rank_seed(0, self.trainer.global_rank))
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         version, state, gauss_next = self._caption_rng.getstate()
-        checkpoint["caption_rng"] = {"version": version, "state": torch.tensor(state, dtype=torch.int64),
-                                     "gauss_next": gauss_next}
+        mine = {"version": version, "state": torch.tensor(state, dtype=torch.int64), "gauss_next": gauss_next}
+        checkpoint["caption_rng"] = gather_from_ranks(mine, self.trainer)  # one per rank
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get("caption_rng")
-        if saved is not None:
-            self._caption_rng.setstate((saved["version"], tuple(saved["state"].tolist()), saved["gauss_next"]))
+        if not saved:
+            return
+        saved = [saved] if isinstance(saved, dict) else list(saved)  # a dict: written before per-rank states
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self._trainer is not None else (0, 1)
+        state = saved[rank] if len(saved) == world else saved[0]
+        self._caption_rng.setstate((state["version"], tuple(state["state"].tolist()), state["gauss_next"]))
+        if len(saved) != world and rank:  # N -> M processes: rank 0's stream, made this rank's own
+            self._caption_rng.seed(rank_seed(self._caption_rng.getrandbits(32), rank))
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
         generator = torch.Generator(device=self.device).manual_seed(batch_idx)  # the same t and noise each time
         with self.ema_weights():
             loss, batch_size = self.batch_loss(batch, training=False, generator=generator)
-        self.log("val/loss", loss, prog_bar=True, batch_size=batch_size)
+        self.log("val/loss", loss, prog_bar=True, batch_size=batch_size, sync_dist=True)  # the mean over ranks
         return loss
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
