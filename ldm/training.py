@@ -1001,13 +1001,13 @@ def data_captions(dataset: Any, count: int = 8, look_at: int = 64, caption_key: 
         items = iter(dataset)
     else:
         inner, indices = dataset, range(len(dataset))
-        if hasattr(dataset, "indices") and hasattr(dataset, "dataset"):  # a held-out split of a folder
+        if hasattr(dataset, "indices") and hasattr(dataset, "dataset"):  # a held-out split
             inner, indices = dataset.dataset, dataset.indices
         samples = getattr(inner, "samples", None)  # a captioned folder knows its captions without decoding images
         if isinstance(samples, list) and samples and isinstance(samples[0], tuple):
             items = ({caption_key: samples[i][1]} for i in indices)
         else:
-            items = (dataset[i] for i in indices)
+            items = (inner[i] for i in indices)
     for number, item in enumerate(items):
         if number >= look_at or len(captions) >= count:
             break
