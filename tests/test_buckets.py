@@ -140,7 +140,7 @@ def test_two_ranks_split_the_global_order():
     assert len(odd) == 3 == len(list(odd))
     with pytest.raises(ValueError, match="rank 2 is not one of 2"):
         odd.set_distributed(2, 2)
-    with pytest.raises(ValueError, match="10 batches cannot be split over 11"):
+    with pytest.raises(ValueError, match="10 item\(s\) of the epoch cannot be split over 11"):
         odd.set_distributed(0, 11)
 
 
@@ -178,7 +178,7 @@ def test_resume_continues_the_same_order():
     assert single.num_samples == 20
     single.resume(epoch, single.num_samples)  # the end of the epoch: nothing left of it
     assert list(single) == []
-    with pytest.raises(ValueError, match="resume offset 21 is outside the epoch of 10 batches of 2"):
+    with pytest.raises(ValueError, match="resume offset 21 is outside the epoch of 20 samples"):
         single.resume(epoch, 21)
 
 

@@ -23,6 +23,8 @@ from typing import Iterator, Optional, Sequence
 import torch
 from torch.utils.data import Sampler
 
+from ldm.data.sampler import ResumableEpochs
+
 
 def _positive_int(value, name: str) -> int:
     try:
@@ -94,7 +96,7 @@ class _EpochForwarder:
         self.owner.set_epoch(epoch)
 
 
-class BucketBatchSampler(Sampler[list[int]]):
+class BucketBatchSampler(ResumableEpochs, Sampler[list[int]]):
     """Batches of dataset indices, each from a single bucket.
 
     Epoch ``e`` (generator seeded with ``seed + e``, as ``ResumableRandomSampler``): each bucket's indices are
@@ -131,23 +133,16 @@ class BucketBatchSampler(Sampler[list[int]]):
             largest = max(len(m) for m in self.members)
             raise ValueError(f"no bucket holds a full batch of {self.batch_size} (the largest holds {largest} of "
                              f"{len(ids)} samples in {len(self.members)} buckets): lower the batch size")
-        self.epoch = 0
-        self.rank, self.world_size = 0, 1
-        self._resume: tuple[int, int] | None = None
+        self._start_epochs()
         self.sampler = _EpochForwarder(self)
 
-    def set_distributed(self, rank: int, world_size: int) -> None:
-        """Make this the batch sampler of process ``rank`` of ``world_size`` (called by the trainer once it knows)."""
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is not one of {world_size} process(es)")
-        if world_size > self.num_batches:
-            raise ValueError(f"{self.num_batches} batches cannot be split over {world_size} processes")
-        self.rank, self.world_size = int(rank), int(world_size)
+    @property
+    def units(self) -> int:
+        return self.num_batches
 
-    def __len__(self) -> int:
-        # The full epoch (this rank's share) even when resuming mid-way, as ResumableRandomSampler: Lightning
-        # counts the epoch's batches from this.
-        return self.num_batches // self.world_size
+    @property
+    def unit_size(self) -> int:
+        return self.batch_size
 
     @property
     def num_samples(self) -> int:
@@ -155,9 +150,6 @@ class BucketBatchSampler(Sampler[list[int]]):
         with ``drop_last=False``, counts as full). Named as ``ResumableRandomSampler.num_samples``, which
         ``ResumeState`` clamps offsets to."""
         return self.num_batches * self.batch_size
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
 
     def batches(self, epoch: int) -> list[list[int]]:
         """The global batch order of ``epoch`` (every rank's batches, before the split)."""
@@ -172,21 +164,5 @@ class BucketBatchSampler(Sampler[list[int]]):
             batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
         return batches
 
-    def resume(self, epoch: int, offset: int) -> None:
-        """Make the next pass over ``epoch`` start after its first ``offset`` samples of the global order, i.e. at
-        global batch ``offset // batch_size`` (other epochs are unaffected)."""
-        if not 0 <= offset <= self.num_samples:
-            raise ValueError(f"resume offset {offset} is outside the epoch of {self.num_batches} batches of "
-                             f"{self.batch_size} ({self.num_samples} samples)")
-        self._resume = (int(epoch), int(offset))
-
     def __iter__(self) -> Iterator[list[int]]:
-        offset = 0
-        if self._resume is not None:
-            epoch, resume_offset = self._resume
-            if epoch == self.epoch:
-                offset = resume_offset
-            self._resume = None
-        skip = offset // self.batch_size
-        share = (self.num_batches - skip) // self.world_size
-        yield from self.batches(self.epoch)[skip + self.rank::self.world_size][:share]
+        yield from self.share(self.batches(self.epoch))

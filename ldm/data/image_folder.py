@@ -232,6 +232,23 @@ def displayed_size(path: str | os.PathLike) -> tuple[int, int]:
     return (height, width) if orientation in _SWAPPING_ORIENTATIONS else (width, height)
 
 
+def image_options(size, crop: str, flip: bool, caption_source: str, caption_sources: tuple[str, ...], image_key: str,
+                  caption_key: str, background, reserved_keys: tuple[str, ...] = ()) -> dict:
+    """The checked decoding options a captioned-image dataset keeps as attributes (``size``, ``crop``, ``flip``,
+    ``caption_source``, ``image_key``, ``caption_key``, ``background``); ``ValueError`` naming a bad one."""
+    if crop not in ("center", "random"):
+        raise ValueError(f"crop must be 'center' or 'random', got {crop!r}")
+    if caption_source not in caption_sources:
+        raise ValueError(f"caption_source must be one of {caption_sources}, got {caption_source!r}")
+    if int(size) != size or size <= 0:
+        raise ValueError(f"size must be a positive integer, got {size!r}")
+    keys = (image_key, caption_key, *reserved_keys)
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"the item keys {keys} must all differ")
+    return {"size": int(size), "crop": crop, "flip": bool(flip), "caption_source": caption_source,
+            "image_key": image_key, "caption_key": caption_key, "background": parse_background(background)}
+
+
 def pil_to_tensor(image: Image.Image) -> torch.Tensor:
     """PIL image -> ``float32 [3, H, W]`` in ``[-1, 1]``. Mode ``F`` (``decode_image``'s 16-bit path) is grey in
     [0, 1], repeated over the 3 channels; any other mode goes through ``convert("RGB")`` (8-bit)."""
@@ -288,24 +305,11 @@ class CaptionedImageFolder(Dataset):
         min_bucket_size: Optional[int] = None,
         max_bucket_size: Optional[int] = None,
     ):
-        if crop not in ("center", "random"):
-            raise ValueError(f"crop must be 'center' or 'random', got {crop!r}")
-        if caption_source not in ("auto", "metadata", "txt", "none"):
-            raise ValueError(f"caption_source must be 'auto', 'metadata', 'txt' or 'none', got {caption_source!r}")
-        if int(size) != size or size <= 0:
-            raise ValueError(f"size must be a positive integer, got {size!r}")
-        if image_key == caption_key:
-            raise ValueError(f"image_key and caption_key must differ, both are {image_key!r}")
+        vars(self).update(image_options(size, crop, flip, caption_source, ("auto", "metadata", "txt", "none"),
+                                        image_key, caption_key, background))
         self.root = Path(root).resolve()
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder not found (or not a directory): {self.root}")
-        self.size = int(size)
-        self.crop = crop
-        self.flip = bool(flip)
-        self.caption_source = caption_source
-        self.image_key = image_key
-        self.caption_key = caption_key
-        self.background = parse_background(background)
         # Dropped by verify=True at construction (so no longer in self.samples); load-time skips are flags below.
         self._dropped: list[str] = []
 

@@ -18,7 +18,59 @@ import torch
 from torch.utils.data import Sampler
 
 
-class ResumableRandomSampler(Sampler[int]):
+class ResumableEpochs:
+    """What the resumable samplers share: the epoch, this process's share, and the position a resume starts from.
+
+    A subclass has ``num_samples`` (the range of resume offsets, in samples of the global order), ``units`` (how
+    many items its global order has: samples, or batches for a batch sampler) and ``unit_size`` (samples an item
+    stands for), and iterates ``self.share(order)`` over its epoch's global order.
+    """
+
+    unit_size = 1
+
+    def _start_epochs(self) -> None:
+        self.epoch = 0
+        self.rank, self.world_size = 0, 1
+        self._resume: tuple[int, int] | None = None
+
+    def set_distributed(self, rank: int, world_size: int) -> None:
+        """Make this the sampler of process ``rank`` of ``world_size`` (called by the trainer once it knows)."""
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not one of {world_size} process(es)")
+        if world_size > self.units:
+            raise ValueError(f"{self.units} item(s) of the epoch cannot be split over {world_size} processes")
+        self.rank, self.world_size = int(rank), int(world_size)
+
+    def __len__(self) -> int:
+        # The full epoch (this rank's share) even when resuming mid-way: Lightning counts the epoch's batches from
+        # this and restores how many of them were done.
+        return self.units // self.world_size
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def resume(self, epoch: int, offset: int) -> None:
+        """Make the next pass over ``epoch`` start after its first ``offset`` samples of the global order (at item
+        ``offset // unit_size``; other epochs are unaffected)."""
+        if not 0 <= offset <= self.num_samples:
+            raise ValueError(f"resume offset {offset} is outside the epoch of {self.num_samples} samples")
+        self._resume = (int(epoch), int(offset))
+
+    def share(self, order: list) -> list:
+        """This rank's part of the epoch's global ``order``: from the resume position on, every ``world_size``-th
+        item from ``rank``, cut to the same count on every rank."""
+        offset = 0
+        if self._resume is not None:
+            epoch, resume_offset = self._resume
+            if epoch == self.epoch:
+                offset = resume_offset
+            self._resume = None
+        skip = offset // self.unit_size
+        count = (len(order) - skip) // self.world_size
+        return order[skip + self.rank::self.world_size][:count]
+
+
+class ResumableRandomSampler(ResumableEpochs, Sampler[int]):
     """Indices ``0..n-1`` in the order of ``torch.randperm(n, generator=seed + epoch)`` (``shuffle=False``: in order).
 
     Args:
@@ -33,46 +85,16 @@ class ResumableRandomSampler(Sampler[int]):
         self.num_samples = int(num_samples)
         self.seed = int(seed)
         self.shuffle = bool(shuffle)
-        self.epoch = 0
-        self.rank, self.world_size = 0, 1
-        self._resume: tuple[int, int] | None = None
+        self._start_epochs()
 
-    def set_distributed(self, rank: int, world_size: int) -> None:
-        """Make this the sampler of process ``rank`` of ``world_size`` (called by the trainer once it knows)."""
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is not one of {world_size} process(es)")
-        if world_size > self.num_samples:
-            raise ValueError(f"{self.num_samples} samples cannot be split over {world_size} processes")
-        self.rank, self.world_size = int(rank), int(world_size)
-
-    def __len__(self) -> int:
-        # The full epoch (this rank's share) even when resuming mid-way: Lightning counts the epoch's batches from
-        # this and restores how many of them were done.
-        return self.num_samples // self.world_size
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+    @property
+    def units(self) -> int:
+        return self.num_samples
 
     def order(self, epoch: int) -> torch.Tensor:
         if not self.shuffle:
             return torch.arange(self.num_samples)
         return torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed + int(epoch)))
 
-    def resume(self, epoch: int, offset: int) -> None:
-        """Make the next pass over ``epoch`` start at its ``offset``-th sample (other epochs are unaffected)."""
-        if not 0 <= offset <= self.num_samples:
-            raise ValueError(f"resume offset {offset} is outside the epoch of {self.num_samples} samples")
-        self._resume = (int(epoch), int(offset))
-
     def __iter__(self) -> Iterator[int]:
-        offset = 0
-        if self._resume is not None:
-            epoch, resume_offset = self._resume
-            if epoch == self.epoch:
-                offset = resume_offset
-            self._resume = None
-        if self.world_size == 1:
-            yield from self.order(self.epoch)[offset:].tolist()
-            return
-        share = (self.num_samples - offset) // self.world_size
-        yield from self.order(self.epoch)[offset + self.rank::self.world_size][:share].tolist()
+        yield from self.share(self.order(self.epoch).tolist())

@@ -66,7 +66,7 @@ from ldm.data.image_folder import (
     _IMAGE_ERRORS,
     CAPTION_FIELDS,
     decode_image,
-    parse_background,
+    image_options,
     pil_to_tensor,
     resize_and_crop,
 )
@@ -415,14 +415,8 @@ class ShardDataset(IterableDataset):
         world_size: Optional[int] = None,
     ):
         super().__init__()
-        if crop not in ("center", "random"):
-            raise ValueError(f"crop must be 'center' or 'random', got {crop!r}")
-        if caption_source not in CAPTION_SOURCES:
-            raise ValueError(f"caption_source must be one of {CAPTION_SOURCES}, got {caption_source!r}")
-        if int(size) != size or size <= 0:
-            raise ValueError(f"size must be a positive integer, got {size!r}")
-        if len({image_key, caption_key, "key"}) != 3:
-            raise ValueError(f"image_key {image_key!r}, caption_key {caption_key!r} and 'key' must all differ")
+        vars(self).update(image_options(size, crop, flip, caption_source, CAPTION_SOURCES, image_key, caption_key,
+                                        background, reserved_keys=("key",)))
         if int(shuffle_buffer) != shuffle_buffer or shuffle_buffer < 0:
             raise ValueError(f"shuffle_buffer must be an integer >= 0, got {shuffle_buffer!r}")
         if epoch_length is not None and (int(epoch_length) != epoch_length or epoch_length < 1):
@@ -430,13 +424,6 @@ class ShardDataset(IterableDataset):
         self.urls = expand_shard_urls(urls)
         check_shard_urls(self.urls)
         self.source = describe_urls(urls, self.urls)
-        self.size = int(size)
-        self.crop = crop
-        self.flip = bool(flip)
-        self.caption_source = caption_source
-        self.image_key = image_key
-        self.caption_key = caption_key
-        self.background = parse_background(background)
         self.shuffle_buffer = int(shuffle_buffer)
         self.seed = int(seed)
         self.epoch_length = None if epoch_length is None else int(epoch_length)
