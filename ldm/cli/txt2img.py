@@ -50,6 +50,7 @@ def build_parser(description: str, outdir: str) -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=50, help="sampling steps (DDPM uses all of the schedule's)")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like")
     parser.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (1 = off)")
+    add_guidance_option_arguments(parser)
     parser.add_argument("--seed", type=int, default=0, help="image k of the run uses seed + k (its own noise stream)")
     parser.add_argument("--n-samples", type=int, default=1, help="images per prompt")
     parser.add_argument("--batch-size", type=int, default=8, help="images sampled at once")
@@ -64,6 +65,29 @@ def build_parser(description: str, outdir: str) -> argparse.ArgumentParser:
     add_allow_target_argument(parser)
     add_threads_argument(parser)
     return parser
+
+
+def add_guidance_option_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--guidance-rescale PHI`` and ``--guidance-interval SIGMA_LO SIGMA_HI``: the samplers' guidance options
+    (:class:`ldm.diffusion.samplers.base.Sampler`), shared by txt2img, img2img, inpaint and evaluate."""
+    parser.add_argument("--guidance-rescale", type=float, default=0.0, metavar="PHI",
+                        help="rescale the guided prediction's std to the conditional one's and blend with weight PHI "
+                             "in [0, 1] (Lin et al. 2023; 0.7 is their choice; 0 = off)")
+    parser.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("SIGMA_LO", "SIGMA_HI"),
+                        help="guide only the steps whose noise level sigma = sqrt((1 - abar_t) / abar_t) lies in "
+                             "(SIGMA_LO, SIGMA_HI] (Kynkaanniemi et al. 2024); the other steps use the conditional "
+                             "prediction alone, one network pass instead of two. In sigma, not timesteps; 'inf' for "
+                             "no upper end")
+
+
+def guidance_settings(args: argparse.Namespace) -> dict:
+    """The sampler-spec keys of the guidance options that are set (none by default, so specs stay as before)."""
+    settings = {}
+    if getattr(args, "guidance_rescale", 0.0):
+        settings["guidance_rescale"] = args.guidance_rescale
+    if getattr(args, "guidance_interval", None) is not None:
+        settings["guidance_interval"] = list(args.guidance_interval)
+    return settings
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -100,6 +124,7 @@ def sampler_settings(args: argparse.Namespace) -> dict:
         settings["num_steps"] = args.steps
     if args.sampler == "ddim":
         settings["eta"] = args.eta
+    settings.update(guidance_settings(args))
     return settings
 
 
@@ -172,6 +197,7 @@ def save_outputs(session: Session, args: argparse.Namespace, images: torch.Tenso
             "steps": session.sampler.num_model_evaluations if args.sampler == "ddpm" else args.steps,
             "eta": args.eta,
             "guidance": args.guidance,
+            **guidance_settings(args),
             "checkpoint": os.path.abspath(session.ckpt),
             "precision": args.precision,
             "size": f"{width}x{height}",

@@ -15,6 +15,13 @@ from tqdm.auto import tqdm
 
 from .. import gaussian
 from ..gaussian import check_parameterization
+from ..guidance import (
+    check_guidance_interval,
+    check_guidance_rescale,
+    in_guidance_interval,
+    sigma_from_alpha_cumprod,
+    with_guidance_options,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +80,16 @@ class Sampler:
         num_steps: number of denoising steps (each one model evaluation).
         parameterization: what ``model_fn`` predicts: ``eps`` (default), ``x0`` or ``v``.
         clip_denoised: when set to ``c``, clamp the predicted x0 to ``[-c, c]`` (and re-derive eps from it).
+        guidance_rescale: ``phi`` in ``[0, 1]`` (default 0, off): rescale the classifier-free-guided output's std to
+            the conditional output's, Lin et al. 2023 eq. 15-16 (:func:`ldm.diffusion.guidance.rescale_guidance`).
+        guidance_interval: ``[sigma_lo, sigma_hi]`` (default None, everywhere): guide only the steps whose noise
+            level ``sigma = sqrt((1 - abar_t) / abar_t)`` lies in ``(sigma_lo, sigma_hi]`` (Kynkäänniemi et al.
+            2024); the other steps use the conditional output alone, one network pass on ``B`` rows. In sigma, not
+            timesteps, so one band means the same noise levels for every schedule, step count and sampler
+            (:attr:`step_sigmas` lists a sampler's levels). A band holding none of them is a ``ValueError``.
+
+    The two guidance options act on a ``model_fn`` made by :func:`ldm.diffusion.classifier_free_guidance` (what
+    ``LatentDiffusion.sample`` passes for a guidance scale other than 1) and leave an unguided one as it is.
 
     Shared call::
 
@@ -102,6 +119,8 @@ class Sampler:
         schedule,
         parameterization: str = "eps",
         clip_denoised: Optional[float] = None,
+        guidance_rescale: float = 0.0,
+        guidance_interval: Optional[Tuple[float, float]] = None,
     ):
         if not hasattr(schedule, "alphas_cumprod") or not hasattr(schedule, "num_timesteps"):
             raise ValueError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
@@ -113,6 +132,8 @@ class Sampler:
         self.schedule = schedule
         self.parameterization = parameterization
         self.clip_denoised = None if clip_denoised is None else float(clip_denoised)
+        self.guidance_rescale = check_guidance_rescale(guidance_rescale)
+        self.guidance_interval = check_guidance_interval(guidance_interval)
         self._alphas_cumprod = schedule.alphas_cumprod.detach().to("cpu", torch.float64)
         self._timesteps = torch.arange(schedule.num_timesteps - 1, -1, -1, dtype=torch.int64)
         if getattr(schedule, "rescale_zero_terminal_snr", False) and parameterization == "eps":
@@ -138,10 +159,55 @@ class Sampler:
         """``model_fn`` calls per :meth:`sample` (a guided ``model_fn`` batches cond and uncond in one call)."""
         return self.num_steps
 
+    @property
+    def step_sigmas(self) -> torch.Tensor:
+        """Float64 noise levels ``sigma = sqrt((1 - abar_t) / abar_t)`` of the steps' model evaluations
+        ``[num_steps]``, the levels a ``guidance_interval`` is compared with."""
+        return sigma_from_alpha_cumprod(self._alphas_cumprod[self._timesteps])
+
+    @property
+    def guided_steps(self) -> int:
+        """How many steps of a full run fall in ``guidance_interval`` (all of them without one): these evaluate
+        the network on ``2B`` rows with guidance, the others on ``B``."""
+        return int(in_guidance_interval(self.step_sigmas, self.guidance_interval).sum())
+
+    def sigma_at(self, t: torch.Tensor) -> torch.Tensor:
+        """Float64 noise level of DDPM timesteps ``t`` (any shape; integer, or fractional as the Karras grids give:
+        ``log sigma`` interpolated between the neighbouring timesteps, :func:`~ldm.diffusion.samplers.karras.t_to_sigma`)."""
+        from .karras import t_to_sigma  # karras imports this module
+
+        t = torch.as_tensor(t).detach().to("cpu")
+        table = sigma_from_alpha_cumprod(self._alphas_cumprod)
+        if not t.is_floating_point() or bool((t == t.round()).all()):
+            return table[t.round().long()]  # exact, also where sigma is inf (zero terminal SNR)
+        return t_to_sigma(t, table.log())
+
+    def _check_guidance_interval_grid(self) -> None:
+        """A ``ValueError`` when ``guidance_interval`` holds none of this sampler's noise levels (guidance would never
+        act: most likely timesteps were given where noise levels are meant). Called once the grid is known."""
+        if self.guidance_interval is not None and self.guided_steps == 0:
+            sigmas = self.step_sigmas
+            lo, hi = self.guidance_interval
+            raise ValueError(
+                f"guidance_interval ({lo:g}, {hi:g}] holds none of the {self.num_steps} noise levels of this "
+                f"{type(self).__name__} (sigma from {float(sigmas.max()):.4g} down to {float(sigmas.min()):.4g}); "
+                f"it is in sigma = sqrt((1 - abar_t) / abar_t), not in timesteps"
+            )
+
+    def guided_model_fn(self, model_fn: ModelFn) -> ModelFn:
+        """``model_fn`` with this sampler's ``guidance_rescale`` / ``guidance_interval``
+        (:func:`ldm.diffusion.guidance.with_guidance_options`); :meth:`sample` calls it first."""
+        return with_guidance_options(model_fn, self.guidance_rescale, self.guidance_interval, self.sigma_at)
+
     def __repr__(self) -> str:
+        guidance = ""
+        if self.guidance_rescale:
+            guidance += f", guidance_rescale={self.guidance_rescale}"
+        if self.guidance_interval is not None:
+            guidance += f", guidance_interval={list(self.guidance_interval)}"
         return (
             f"{type(self).__name__}(num_steps={self.num_steps}, parameterization={self.parameterization!r}, "
-            f"clip_denoised={self.clip_denoised})"
+            f"clip_denoised={self.clip_denoised}{guidance})"
         )
 
     # -- one model evaluation ----------------------------------------------------------------------------------------
@@ -228,6 +294,7 @@ class Sampler:
         self.check_x_T(x_T)
         first_step = self.check_first_step(first_step)
         last_step = self.check_last_step(first_step, last_step)
+        model_fn = self.guided_model_fn(model_fn)
         x = x_T
         timesteps = self._timesteps.tolist()
         steps = list(enumerate(timesteps))[first_step:last_step]

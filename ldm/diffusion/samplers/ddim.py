@@ -81,7 +81,8 @@ class DDIMSampler(Sampler):
         schedule: the :class:`ldm.diffusion.NoiseSchedule`.
         num_steps: number of steps (each one model evaluation), 1..T.
         eta: 0 deterministic; 1 DDPM-like (``sigma^2 = beta~`` of the respaced chain).
-        parameterization, clip_denoised: see :class:`~ldm.diffusion.samplers.base.Sampler`.
+        parameterization, clip_denoised, guidance_rescale, guidance_interval: see
+            :class:`~ldm.diffusion.samplers.base.Sampler`.
         timestep_spacing: ``leading`` (Stable Diffusion: 981, 961, ..., 1 for 50 of 1000), ``trailing`` (starts at
             T-1; use it with zero terminal SNR) or ``linspace``; see :func:`make_timesteps`.
         steps_offset: offset of ``leading`` spacing (1 as in Stable Diffusion).
@@ -98,8 +99,11 @@ class DDIMSampler(Sampler):
         timestep_spacing: str = "leading",
         steps_offset: int = 1,
         set_alpha_to_one: bool = False,
+        guidance_rescale: float = 0.0,
+        guidance_interval: Optional[tuple] = None,
     ):
-        super().__init__(schedule, parameterization=parameterization, clip_denoised=clip_denoised)
+        super().__init__(schedule, parameterization=parameterization, clip_denoised=clip_denoised,
+                         guidance_rescale=guidance_rescale, guidance_interval=guidance_interval)
         self.eta = _check_eta(eta)
         self.timestep_spacing = timestep_spacing
         self.set_alpha_to_one = bool(set_alpha_to_one)
@@ -112,6 +116,7 @@ class DDIMSampler(Sampler):
         direction = 1 - self._abar_prev - self._sigmas**2
         if bool((direction < -_NEGATIVE_TOLERANCE).any()):
             raise ValueError(f"eta={eta} is too large for these timesteps (sigma^2 > 1 - abar_prev); use eta <= 1")
+        self._check_guidance_interval_grid()
 
     @property
     def variances(self) -> torch.Tensor:

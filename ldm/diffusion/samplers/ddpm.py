@@ -67,7 +67,8 @@ class DDPMSampler(Sampler):
     Args:
         schedule: the :class:`ldm.diffusion.NoiseSchedule`.
         variance: ``beta_tilde`` (posterior variance) or ``beta``.
-        parameterization, clip_denoised: see :class:`~ldm.diffusion.samplers.base.Sampler`.
+        parameterization, clip_denoised, guidance_rescale, guidance_interval: see
+            :class:`~ldm.diffusion.samplers.base.Sampler`.
         num_steps: ``None`` for all ``T`` steps (``T-1 .. 0``); fewer respaces the chain.
         timestep_spacing, steps_offset: how a respaced chain picks timesteps (:func:`make_timesteps`); the default
             ``trailing`` starts at ``T-1``, the level ``x_T ~ N(0, I)`` matches.
@@ -82,8 +83,11 @@ class DDPMSampler(Sampler):
         num_steps: Optional[int] = None,
         timestep_spacing: str = "trailing",
         steps_offset: int = 1,
+        guidance_rescale: float = 0.0,
+        guidance_interval: Optional[tuple] = None,
     ):
-        super().__init__(schedule, parameterization=parameterization, clip_denoised=clip_denoised)
+        super().__init__(schedule, parameterization=parameterization, clip_denoised=clip_denoised,
+                         guidance_rescale=guidance_rescale, guidance_interval=guidance_interval)
         if variance not in DDPM_VARIANCES:
             raise ValueError(f"unknown DDPM variance {variance!r}; valid: {', '.join(DDPM_VARIANCES)}")
         self.variance = variance
@@ -98,6 +102,7 @@ class DDPMSampler(Sampler):
         variances = ddpm_step_variance(self._abar_t, self._abar_prev, variance)
         variances[-1] = 0.0  # no noise at the last step
         self._variances = variances
+        self._check_guidance_interval_grid()
 
     @property
     def variances(self) -> torch.Tensor:

@@ -218,7 +218,8 @@ class KarrasSampler(Sampler):
     Args:
         schedule: the :class:`ldm.diffusion.NoiseSchedule`.
         num_steps: number of steps ``n`` in ``1 .. T`` (noise levels ``sigma_0 .. sigma_{n-1}``, then 0).
-        parameterization, clip_denoised: see :class:`~ldm.diffusion.samplers.base.Sampler`.
+        parameterization, clip_denoised, guidance_rescale, guidance_interval: see
+            :class:`~ldm.diffusion.samplers.base.Sampler` (the band is compared with the grid's own sigmas).
         sigma_spacing: ``karras`` (default; :func:`karras_sigmas`) or ``uniform`` (the ``trailing`` DDPM timesteps
             ``round(T - i T/n) - 1``: 999, 979, ..., 19 for 50 of 1000, as diffusers' ``timestep_spacing="trailing"``;
             integer ``t``).
@@ -240,8 +241,11 @@ class KarrasSampler(Sampler):
         rho: float = 7.0,
         sigma_min: Optional[float] = None,
         sigma_max: Optional[float] = None,
+        guidance_rescale: float = 0.0,
+        guidance_interval: Optional[tuple] = None,
     ):
-        super().__init__(schedule, parameterization=parameterization, clip_denoised=clip_denoised)
+        super().__init__(schedule, parameterization=parameterization, clip_denoised=clip_denoised,
+                         guidance_rescale=guidance_rescale, guidance_interval=guidance_interval)
         if sigma_spacing not in SIGMA_SPACINGS:
             raise ValueError(f"unknown sigma_spacing {sigma_spacing!r}; valid: {', '.join(SIGMA_SPACINGS)}")
         T = schedule.num_timesteps
@@ -266,6 +270,7 @@ class KarrasSampler(Sampler):
                 raise ValueError(f"need sigma_min < sigma_max, got {sigma_min} and {sigma_max}")
             self._sigmas = karras_sigmas(num_steps, sigma_min, sigma_max, self.rho)
             self._timesteps = sigma_to_t(self._sigmas[:-1], self._log_sigmas)
+        self._check_guidance_interval_grid()
 
     # -- description -------------------------------------------------------------------------------------------------
 
@@ -273,6 +278,12 @@ class KarrasSampler(Sampler):
     def sigmas(self) -> torch.Tensor:
         """Float64 noise levels ``[num_steps + 1]``, decreasing, the last 0 (a copy)."""
         return self._sigmas.clone()
+
+    @property
+    def step_sigmas(self) -> torch.Tensor:
+        """Float64 noise levels of the steps' first model evaluations, ``sigmas[:-1]`` (Heun's second evaluation of
+        a step is at the next step's level)."""
+        return self._sigmas[:-1].clone()
 
     @property
     def timesteps(self) -> torch.Tensor:
@@ -345,6 +356,7 @@ class KarrasSampler(Sampler):
         self.check_x_T(x_T)
         first_step = self.check_first_step(first_step)
         last_step = self.check_last_step(first_step, last_step)
+        model_fn = self.guided_model_fn(model_fn)
         x = cast_like((1 + self._sigmas[first_step] ** 2).sqrt(), x_T) * x_T
         previous = None  # a multistep solver starting part-way begins with a first-order step, as at sigma_0
         timesteps = self._timesteps.tolist()
