@@ -102,3 +102,12 @@ def test_bucketed_folder_trains_with_one_shape_a_batch(tmp_path, photos):
     assert len(shapes) > 1  # several buckets, each batch stacked from one
     state = ResumeState.for_loader(loader)
     assert state.sampler is loader.batch_sampler and state.batch_size == 2
+
+
+def test_autoencoder_evaluation_of_shards_uses_the_training_stream(tmp_path, photos):
+    from ldm.cli import make_shards
+    from ldm.cli.compute_scale_factor import dataset_node
+
+    pattern = make_shards.main(["--data", str(photos), "--out", str(tmp_path / "shards"), "--no-progress"])
+    node, _ = dataset_node("unused.safetensors", "validation", None, pattern, 16)  # shards have no held-out part
+    assert node["target"] == "ldm.data.shards.ShardDataset"

@@ -32,7 +32,9 @@ from ldm.cli.train_autoencoder import data_section, image_folder_nodes
 def dataset_node(ckpt: str, split: str, config_path: str | None, data_dir: str | None, size: int) -> tuple[dict, int]:
     """``(dataset node, batch size from the config or 16)`` for ``split`` ("train" or "validation")."""
     if data_dir:
-        return image_folder_nodes(data_dir, size)[split], 16
+        nodes = image_folder_nodes(data_dir, size)
+        # shards (or --val-fraction 0) have no validation part: the training data, as for a config without one
+        return nodes[split] or nodes["train"], 16
     if config_path:
         data = data_section(load_config(config_path).get("data"))
         source = f"{config_path}: data"
