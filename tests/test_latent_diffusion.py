@@ -183,6 +183,24 @@ def test_export_from_a_checkpoint_equals_the_training_export(trained, autoencode
     assert load_file(earlier)["model.diffusion_model.out.2.weight"].dtype == torch.float16
 
 
+def test_export_raw_weights_are_the_checkpoints_unaveraged_ones(trained, autoencoder_file, tmp_path):
+    from scripts import export_diffusion
+
+    _, run_dir = trained
+    ckpt = run_dir / "checkpoints" / "step000004.ckpt"
+    common = ["--run", str(run_dir), "--autoencoder", autoencoder_file, "--ckpt", str(ckpt)]
+    raw = load_file(export_diffusion.main(common + ["--out", str(tmp_path / "raw.safetensors"), "--weights", "raw"]))
+    ema = load_file(export_diffusion.main(common + ["--out", str(tmp_path / "ema.safetensors")]))
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    unet_keys = [key for key in raw if key.startswith("model.diffusion_model.")]
+    assert unet_keys and raw.keys() == ema.keys()
+    for key in unet_keys:  # the trainer holds the LatentDiffusion as `model`
+        torch.testing.assert_close(raw[key], state["model." + key], rtol=0, atol=0)
+    assert any(not torch.equal(raw[key], ema[key]) for key in unet_keys)
+    with pytest.raises(SystemExit):
+        export_diffusion.main(common + ["--weights", "average"])
+
+
 def test_ctrl_c_exports_the_weights_learnt_so_far(autoencoder_file, tmp_path, monkeypatch):
     import pytorch_lightning as pl
 

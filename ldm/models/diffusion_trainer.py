@@ -19,6 +19,7 @@ import pytorch_lightning as pl
 import torch
 
 from ldm.diffusion import diffusion_loss, high_noise_timestep_density, sample_timesteps
+from ldm.data.latent_memo import LatentMemo
 from ldm.models.latent_diffusion import LatentDiffusion
 from ldm.inpainting import concat_conditioning, random_masks
 from ldm.modules.ema import EMA
@@ -93,6 +94,9 @@ class DiffusionTrainer(pl.LightningModule):
         image_key, caption_key: batch keys.
         sample_prompts: prompts for the grid sampled every ``sample_every`` steps (by the image callback).
         sampler: sampler spec (name or mapping) for those grids; ``guidance_scale`` for them.
+        latent_memo: keep the frozen autoencoder's posterior of up to this many distinct images in memory
+            (:class:`ldm.data.latent_memo.LatentMemo`) and encode only images not seen before; pays when images
+            repeat (a procedural set, a small folder over many epochs). ``None``: encode every image every step.
     """
 
     def __init__(
@@ -117,6 +121,7 @@ class DiffusionTrainer(pl.LightningModule):
         sample_height: int = 64,
         sample_width: int = 64,
         cond_stage_trainable: bool = False,
+        latent_memo: int | None = None,
     ):
         super().__init__()
         if not 0.0 <= p_uncond <= 1.0:
@@ -162,6 +167,7 @@ class DiffusionTrainer(pl.LightningModule):
         self._caption_rng = random.Random(0)
         # a 9-channel UNet (model config "inpainting"): trained on random masks, sampled by inpainting
         self.inpainting = bool((model.config or {}).get("inpainting"))
+        self.latent_memo = LatentMemo(latent_memo) if latent_memo else None
 
     # ---------------------------------------------------------------- data
     def _unpack(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor | None, list[str]]:
@@ -205,6 +211,9 @@ class DiffusionTrainer(pl.LightningModule):
             dtype = next(self.model.first_stage_model.parameters()).dtype  # what encode_images would return
             latents = posterior_latents(batch[LATENT_MEAN].to(dtype), batch[LATENT_STD].to(dtype),
                                         self.model.scale_factor, sample=training)
+        elif self.latent_memo is not None:
+            mean, std = self.latent_memo(images, self.model.first_stage_model.encode)
+            latents = posterior_latents(mean, std, self.model.scale_factor, sample=training)
         else:
             latents = self.model.encode_images(images, sample=training)
         model_fn = self.model.model_fn
@@ -243,6 +252,8 @@ class DiffusionTrainer(pl.LightningModule):
         loss, batch_size = self.batch_loss(batch, training=True)
         self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=batch_size)
         self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=True, prog_bar=False, batch_size=batch_size)
+        if self.latent_memo is not None:
+            self.log("train/latent_memo_hit_rate", self.latent_memo.hit_rate, on_step=True, batch_size=batch_size)
         return loss
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
