@@ -374,7 +374,7 @@ def test_high_noise_band_needs_its_start(autoencoder_file):
 @pytest.mark.parametrize(
     "config_path",
     ["configs/latent-diffusion/shapes-small.yaml", "configs/latent-diffusion/shapes-small-eps.yaml",
-     "configs/latent-diffusion/shapes.yaml", "configs/demo/diffusion.yaml"],
+     "configs/latent-diffusion/shapes.yaml", "configs/demo/diffusion.yaml", "configs/demo/diffusion-30min.yaml"],
 )
 def test_shipped_diffusion_configs_build_their_model_trainer_and_data(config_path, autoencoder_file):
     """Every key in the repository's configs is one the code takes (a misspelt key would raise here)."""
