@@ -50,6 +50,7 @@ def curve(run: Path, autoencoder: str, n_samples: int = 1, threads: int | None =
     from ldm.cli import evaluate, export_diffusion
 
     start = training_start(run)
+    extra = ["--threads", str(threads)] if threads else []
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for step, ckpt in step_checkpoints(run):
@@ -57,7 +58,6 @@ def curve(run: Path, autoencoder: str, n_samples: int = 1, threads: int | None =
                 path = os.path.join(tmp, f"step{step}-{kind}.safetensors")
                 export_diffusion.main(["--run", str(run), "--autoencoder", autoencoder, "--ckpt", str(ckpt),
                                        "--out", path, "--weights", kind])
-                extra = ["--threads", str(threads)] if threads else []
                 accuracy = evaluate.main(["--ckpt", path, "--n-samples", str(n_samples), "--no-progress", *extra])
                 row = {"step": step, "minutes": round((ckpt.stat().st_mtime - start) / 60, 2)}
                 if len(weights) > 1:

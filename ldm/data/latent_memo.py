@@ -27,7 +27,7 @@ def image_key(image: torch.Tensor) -> bytes:
     data = image.detach().cpu().contiguous()
     digest = hashlib.blake2b(digest_size=16)
     digest.update(f"{data.dtype}{tuple(data.shape)}".encode())
-    digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    digest.update(data.view(torch.uint8).numpy().tobytes())
     return digest.digest()
 
 
@@ -56,16 +56,14 @@ class LatentMemo:
         looked_up = self.hits + self.misses
         return self.hits / looked_up if looked_up else 0.0
 
-    def clear(self) -> None:
-        self._entries.clear()
-
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, encode: Callable[[torch.Tensor], object]) -> tuple[torch.Tensor, torch.Tensor]:
         if images.ndim != 4:
             raise ValueError(f"latent memo: expected images [B, 3, H, W], got shape {tuple(images.shape)}")
         means, stds = [], []
-        for image in images:
-            key = image_key(image)
+        on_host = images.detach().cpu()  # one copy per batch for the keys, not one per image
+        for image, host_image in zip(images, on_host):
+            key = image_key(host_image)
             entry = self._entries.get(key)
             if entry is None:
                 posterior = encode(image.unsqueeze(0))
