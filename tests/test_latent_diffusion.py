@@ -393,3 +393,39 @@ def test_shipped_diffusion_configs_build_their_model_trainer_and_data(config_pat
         assert band > config.trainer.params.high_noise_prob
     train_loader, _ = build_dataloaders(config.data)
     assert train_loader.dataset.two_object_prob == train_params.get("two_object_prob", 0.5)
+
+
+def test_compiled_unet_trains_like_the_plain_one_and_leaves_checkpoint_keys_alone(autoencoder_file):
+    graphs = []
+
+    def counting_backend(gm, example_inputs):  # what torch.compile hands a backend: run the graph as traced
+        graphs.append(gm)
+        return gm.forward
+
+    batch = {"image": torch.stack([TinyCaptionedImages(4)[i]["image"] for i in range(4)]),
+             "caption": ["a red square", "a blue circle", "", "a green triangle"]}
+    results = []
+    for compile_unet in (False, {"backend": counting_backend}):
+        module = DiffusionTrainer(build_tiny_model(autoencoder_file), p_uncond=0.0, compile_unet=compile_unet)
+        module.train()
+        torch.manual_seed(5)
+        loss = module.batch_loss(batch, training=True)[0]
+        loss.backward()
+        grads = [p.grad.clone() for p in module.model.unet.parameters()]
+        results.append((loss.item(), grads, sorted(module.state_dict())))
+        if compile_unet:
+            assert graphs, "the training forward did not go through torch.compile"
+            traced = len(graphs)
+            with torch.no_grad():  # validation and sampling use the plain module: no new graph for no-grad mode
+                module.batch_loss(batch, training=False, generator=torch.Generator().manual_seed(0))
+            assert len(graphs) == traced
+    (plain_loss, plain_grads, plain_keys), (loss, grads, keys) = results
+    assert loss == pytest.approx(plain_loss, rel=1e-5)
+    for a, b in zip(grads, plain_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert keys == plain_keys and not any("_orig_mod" in key for key in keys)
+
+
+def test_compile_unet_refuses_a_value_it_cannot_use(autoencoder_file):
+    with pytest.raises(ValueError, match="compile_unet"):
+        DiffusionTrainer(build_tiny_model(autoencoder_file), compile_unet="max-autotune")

@@ -97,6 +97,10 @@ class DiffusionTrainer(pl.LightningModule):
         latent_memo: keep the frozen autoencoder's posterior of up to this many distinct images in memory
             (:class:`ldm.data.latent_memo.LatentMemo`) and encode only images not seen before; pays when images
             repeat (a procedural set, a small folder over many epochs). ``None``: encode every image every step.
+        compile_unet: run the training forward and backward through ``torch.compile`` of the UNet (``true``, or a
+            mapping of ``torch.compile`` keyword arguments such as ``{mode: max-autotune}``). Sampling, validation
+            and the saved weights use the plain module, so checkpoint keys do not change. Costs a compile at the
+            first step; pays on long runs (README, "make demo": 5% of the demo's UNet step on 2 CPU cores).
     """
 
     def __init__(
@@ -122,6 +126,7 @@ class DiffusionTrainer(pl.LightningModule):
         sample_width: int = 64,
         cond_stage_trainable: bool = False,
         latent_memo: int | None = None,
+        compile_unet: bool | Mapping[str, Any] = False,
     ):
         super().__init__()
         if not 0.0 <= p_uncond <= 1.0:
@@ -168,6 +173,22 @@ class DiffusionTrainer(pl.LightningModule):
         # a 9-channel UNet (model config "inpainting"): trained on random masks, sampled by inpainting
         self.inpainting = bool((model.config or {}).get("inpainting"))
         self.latent_memo = LatentMemo(latent_memo) if latent_memo else None
+        if not isinstance(compile_unet, (bool, Mapping)):
+            raise ValueError(f"compile_unet must be true, false or a mapping of torch.compile arguments, got "
+                             f"{compile_unet!r}")
+        self.compile_unet = dict(compile_unet) if isinstance(compile_unet, Mapping) else compile_unet
+        self._compiled_model_fn = None
+
+    def training_model_fn(self):
+        """The denoiser for training steps: ``model.model_fn``, through ``torch.compile`` when ``compile_unet``.
+        The compiled wrapper is held outside the module tree (no ``_orig_mod.`` keys in checkpoints)."""
+        if self.compile_unet is False:
+            return self.model.model_fn
+        if self._compiled_model_fn is None:
+            options = self.compile_unet if isinstance(self.compile_unet, dict) else {}
+            compiled = torch.compile(self.model.model, **options)
+            object.__setattr__(self, "_compiled_model_fn", lambda x_t, t, context: compiled(x_t, t, context))
+        return self._compiled_model_fn
 
     # ---------------------------------------------------------------- data
     def _unpack(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor | None, list[str]]:
@@ -216,7 +237,7 @@ class DiffusionTrainer(pl.LightningModule):
             latents = posterior_latents(mean, std, self.model.scale_factor, sample=training)
         else:
             latents = self.model.encode_images(images, sample=training)
-        model_fn = self.model.model_fn
+        model_fn = self.training_model_fn() if training else self.model.model_fn
         if self.inpainting:  # the UNet also sees a random mask and the masked image's latents (SD's recipe)
             masks = random_masks(images.shape[0], images.shape[2], images.shape[3], generator).to(images)
             small = torch.nn.functional.interpolate(masks, size=latents.shape[-2:], mode="nearest")

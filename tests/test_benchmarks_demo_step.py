@@ -1,0 +1,33 @@
+"""benchmarks/demo_step.py: variant parsing and one timed run on the tiny config."""
+
+import json
+
+import pytest
+
+from benchmarks import demo_step
+from tests.helpers import TINY_DIFFUSION_CONFIG
+
+
+def test_variants_parse_and_combine():
+    assert demo_step.parse_variant("base") == {}
+    assert demo_step.parse_variant("width=64+channels_last") == {"width": 64, "channels_last": True}
+    assert demo_step.parse_variant("batch=16+compile") == {"batch": 16, "compile": True}
+
+
+@pytest.mark.parametrize("bad", ["width=0", "batch=x", "fast", "channels_last=1"])
+def test_bad_variant_is_named(bad):
+    with pytest.raises(ValueError, match=bad.split("=")[0]):
+        demo_step.parse_variant(bad)
+
+
+def test_timed_run_reports_each_variant(tmp_path):
+    out = tmp_path / "step.json"
+    result = demo_step.main(["--config", TINY_DIFFUSION_CONFIG, "--variants", "base", "batch=8", "channels_last",
+                             "--warmup", "1", "--min-repeats", "2", "--max-repeats", "2", "--budget-s", "0",
+                             "--json", str(out)])
+    assert json.loads(out.read_text()) == result
+    rows = result["variants"]
+    assert set(rows) == {"base", "batch=8", "channels_last"}
+    assert all(row["repeats"] == 3 and row["ms_per_step"] > 0 for row in rows.values())  # 2 rounded up to 3 x 1
+    assert rows["batch=8"]["images_per_s"] == pytest.approx(8 / rows["batch=8"]["ms_per_step"] * 1e3)
+    assert rows["base"]["images_per_s"] == pytest.approx(4 / rows["base"]["ms_per_step"] * 1e3)  # the config's 4
