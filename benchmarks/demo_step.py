@@ -17,11 +17,13 @@ multiple of GroupNorm's 32 groups; the heads keep ``num_head_channels``) or ``ba
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,7 +57,7 @@ def make_step(config: Any, variant: dict[str, Any], seed: int = 0) -> Callable[[
     """A closure running one training step of the config's UNet as ``variant`` changes it; returns the loss."""
     from ldm.util import instantiate_from_config
 
-    unet_cfg = json.loads(json.dumps(config["model"]["unet"]))
+    unet_cfg = copy.deepcopy(config["model"]["unet"])
     params = unet_cfg["params"]
     if "width" in variant:
         params["model_channels"] = variant["width"]
@@ -120,8 +122,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"{result['cpu']}, {result['threads']} threads, {args.config}")
     print(markdown_table(["variant", "ms / step", "images / s", f"vs {base}", "first step (s)"], rows))
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=1)
+        Path(args.json).write_text(json.dumps(result, indent=1), encoding="utf-8")
     return result
 
 
