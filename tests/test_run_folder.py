@@ -341,6 +341,30 @@ def test_make_demo_into_an_earlier_demo_says_how_to_start_again(tmp_path):
         demo.main(["--out", str(tmp_path)])
 
 
+def test_make_demo_passes_each_stage_its_overrides(tmp_path, monkeypatch):
+    from ldm.cli import demo
+
+    seen = {}
+
+    def stop_after(stage):
+        def main(argv):
+            seen[stage] = argv
+            if stage == "diffusion":
+                raise SystemExit("stop")
+            return str(tmp_path / "autoencoder.safetensors")
+        return main
+
+    monkeypatch.setattr(demo.train_autoencoder, "main", stop_after("autoencoder"))
+    monkeypatch.setattr(demo.train_diffusion, "main", stop_after("diffusion"))
+    with pytest.raises(SystemExit, match="stop"):
+        demo.main(["--out", str(tmp_path / "demo"), "--diffusion-steps", "3000",
+                   "--autoencoder-override", "lightning.max_steps=10",
+                   "--diffusion-override", "trainer.params.high_noise_prob=0",
+                   "--diffusion-override", "data.batch_size=16"])
+    assert seen["autoencoder"][-1] == "lightning.max_steps=10"
+    assert seen["diffusion"][-4:] == ["--max-steps", "3000", "trainer.params.high_noise_prob=0", "data.batch_size=16"]
+
+
 @pytest.mark.parametrize("override, message", [
     ("lightning.precison=32-true", r"lightning.precison \(did you mean lightning.precision\?\)"),
     ("data.batch_sise=8", r"data.batch_sise \(did you mean data.batch_size\?\)"),

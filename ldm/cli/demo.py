@@ -44,6 +44,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--diffusion-config", default="demo/diffusion", help="a path or a shipped config's name")
     parser.add_argument("--autoencoder-steps", type=int, default=None, help="override the config's max_steps")
     parser.add_argument("--diffusion-steps", type=int, default=None, help="override the config's max_steps")
+    for stage in ("autoencoder", "diffusion"):
+        parser.add_argument(f"--{stage}-override", action="append", default=[], metavar="KEY=VALUE",
+                            help=f"a dotlist override of the {stage} config, as train_{stage}.py takes (repeatable), "
+                                 f"e.g. --diffusion-override trainer.params.high_noise_prob=0")
     parser.add_argument("--eval-samples", type=int, default=1, help="samples per evaluation prompt (0 skips it)")
     parser.add_argument("--export", default=None,
                         help="also write the trained model here in float16 (how ldm/assets/demo-shapes.safetensors is made)")
@@ -67,6 +71,7 @@ def main(argv=None) -> dict:
     ae_args = ["--config", args.autoencoder_config, "--run-dir", os.path.join(args.out, "autoencoder")]
     if args.autoencoder_steps:
         ae_args += ["--max-steps", str(args.autoencoder_steps)]
+    ae_args += args.autoencoder_override
     autoencoder_weights = train_autoencoder.main(ae_args)
     times["autoencoder (train + scale factor)"] = time.perf_counter() - start
 
@@ -77,6 +82,7 @@ def main(argv=None) -> dict:
     ]
     if args.diffusion_steps:
         ldm_args += ["--max-steps", str(args.diffusion_steps)]
+    ldm_args += args.diffusion_override
     weights = train_diffusion.main(ldm_args)
     times["diffusion (train)"] = time.perf_counter() - start
     if args.export:
