@@ -156,22 +156,25 @@ def lightning_settings(node: Any, **defaults: Any) -> dict[str, Any]:
 def set_base_learning_rate(trainer: pl.Trainer, learning_rate: float) -> None:
     """Make ``learning_rate`` the base rate of every optimizer, after a resume restored the old one from the
     checkpoint (so a changed learning rate on ``--resume`` is applied, as documented, not silently dropped).
-    ``LambdaLR`` schedules keep their position: ``lr = learning_rate * lambda(step)``."""
+    ``LambdaLR`` schedules keep their position: ``lr = learning_rate * lr_factor * lambda(step)``, where
+    ``lr_factor`` is a param group's own scale (1 when the group has none, e.g. the text encoder's group of
+    :class:`ldm.models.diffusion_trainer.DiffusionTrainer` carries ``cond_stage_lr_factor``)."""
     learning_rate = float(learning_rate)
     scheduled = set()
     for config in trainer.lr_scheduler_configs:
         scheduler = config.scheduler
         if hasattr(scheduler, "lr_lambdas"):
-            scheduler.base_lrs = [learning_rate] * len(scheduler.base_lrs)
-            for group, fn in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas):
-                group["initial_lr"] = learning_rate
-                group["lr"] = learning_rate * fn(scheduler.last_epoch)
-            scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+            groups = scheduler.optimizer.param_groups
+            scheduler.base_lrs = [learning_rate * group.get("lr_factor", 1.0) for group in groups]
+            for group, base, fn in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas):
+                group["initial_lr"] = base
+                group["lr"] = base * fn(scheduler.last_epoch)
+            scheduler._last_lr = [group["lr"] for group in groups]
             scheduled.add(id(scheduler.optimizer))
     for optimizer in trainer.optimizers:
         if id(optimizer) not in scheduled:
             for group in optimizer.param_groups:
-                group["lr"] = learning_rate
+                group["lr"] = learning_rate * group.get("lr_factor", 1.0)
 
 
 # --------------------------------------------------------------------------------------------- precision

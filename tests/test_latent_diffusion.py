@@ -332,6 +332,57 @@ def test_trainable_text_encoder_must_be_built_unfrozen(autoencoder_file):
         DiffusionTrainer(build_tiny_model(autoencoder_file), cond_stage_trainable=True)
 
 
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")  # a step into warm-up
+def test_text_encoder_learning_rate_factor_scales_its_updates_only(autoencoder_file):
+    """The tower's own param group: AdamW's step is proportional to the rate (the first step is -lr * (g / |g| +
+    wd * p)), so with the same gradients its update is exactly cond_stage_lr_factor times the one-group update
+    while the UNet's is unchanged, through warm-up and after a resume re-applies the base rate."""
+    from types import SimpleNamespace
+
+    from ldm.training import set_base_learning_rate
+
+    def one_step(factor, new_base=None):
+        torch.manual_seed(0)
+        model = build_tiny_model(autoencoder_file)
+        model.cond_stage_model.requires_grad_(True)
+        module = DiffusionTrainer(model, learning_rate=1e-2, warmup_steps=4, cond_stage_trainable=True,
+                                  cond_stage_lr_factor=factor)
+        config = module.configure_optimizers()
+        optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+        scheduler.step()
+        if new_base is not None:  # as on --resume with a changed trainer.params.learning_rate
+            trainer = SimpleNamespace(lr_scheduler_configs=[SimpleNamespace(scheduler=scheduler)],
+                                      optimizers=[optimizer])
+            set_base_learning_rate(trainer, new_base)
+        before = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+        generator = torch.Generator().manual_seed(1)
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.grad = torch.randn(p.shape, generator=generator)
+        optimizer.step()
+        return optimizer, {name: p.detach() - before[name] for name, p in model.named_parameters() if name in before}
+
+    for new_base in (None, 3e-2):
+        single, reference = one_step(1.0, new_base)
+        split, scaled = one_step(0.1, new_base)
+        assert len(single.param_groups) == 1 and [g.get("lr_factor", 1.0) for g in split.param_groups] == [1.0, 0.1]
+        assert split.param_groups[1]["lr"] == pytest.approx(0.1 * split.param_groups[0]["lr"])
+        tower = [name for name in reference if name.startswith("cond_stage_model.")]
+        assert tower and len(tower) < len(reference)
+        for name in reference:
+            factor = 0.1 if name.startswith("cond_stage_model.") else 1.0
+            torch.testing.assert_close(scaled[name], factor * reference[name], rtol=1e-4, atol=1e-6)
+
+
+def test_text_encoder_learning_rate_factor_needs_a_trained_encoder(autoencoder_file):
+    with pytest.raises(ValueError, match="cond_stage_trainable: true"):
+        DiffusionTrainer(build_tiny_model(autoencoder_file), cond_stage_lr_factor=0.1)
+    model = build_tiny_model(autoencoder_file)
+    model.cond_stage_model.requires_grad_(True)
+    with pytest.raises(ValueError, match="cond_stage_lr_factor must be > 0, got 0"):
+        DiffusionTrainer(model, cond_stage_trainable=True, cond_stage_lr_factor=0)
+
+
 def test_empty_prompt_context_follows_a_trainable_text_encoder(autoencoder_file):
     model = build_tiny_model(autoencoder_file)
     frozen_context = model.empty_context(1).clone()

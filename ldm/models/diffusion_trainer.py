@@ -82,6 +82,8 @@ class DiffusionTrainer(pl.LightningModule):
         cond_stage_trainable: also train the text encoder (it must be built unfrozen: ``text_encoder.params.freeze:
             false``). Worth it when the encoder is not pretrained: a frozen random tower barely encodes which
             attribute words belong to which object.
+        cond_stage_lr_factor: the text encoder's learning rate as a fraction of ``learning_rate`` (its own AdamW
+            param group, on the same warm-up and schedule), like sd-scripts' separate ``text_encoder_lr``.
         learning_rate, weight_decay, betas: AdamW settings; ``warmup_steps`` of linear warm-up.
         lr_schedule: after warm-up, ``constant`` or ``cosine`` decay to ``lr_min_factor * learning_rate`` at the
             trainer's ``max_steps`` (:func:`warmup_lr_factor`).
@@ -125,6 +127,7 @@ class DiffusionTrainer(pl.LightningModule):
         sample_height: int = 64,
         sample_width: int = 64,
         cond_stage_trainable: bool = False,
+        cond_stage_lr_factor: float = 1.0,
         latent_memo: int | None = None,
         compile_unet: bool | Mapping[str, Any] = False,
     ):
@@ -136,6 +139,10 @@ class DiffusionTrainer(pl.LightningModule):
                 "cond_stage_trainable is set but the text encoder has no trainable parameters: build it with "
                 "model.text_encoder.params.freeze: false"
             )
+        if not cond_stage_lr_factor > 0:
+            raise ValueError(f"cond_stage_lr_factor must be > 0, got {cond_stage_lr_factor}")
+        if cond_stage_lr_factor != 1.0 and not cond_stage_trainable:
+            raise ValueError("cond_stage_lr_factor applies to a trained text encoder: set cond_stage_trainable: true")
         if high_noise_prob and high_noise_from is None:
             raise ValueError("high_noise_prob > 0 needs high_noise_from, the first timestep of the oversampled band")
         self.timestep_density = (
@@ -145,6 +152,7 @@ class DiffusionTrainer(pl.LightningModule):
         )
         self.model = model
         self.cond_stage_trainable = bool(cond_stage_trainable)
+        self.cond_stage_lr_factor = float(cond_stage_lr_factor)
         # Averages the wrapper, not the bare UNet, so EMA keys read model_ema.diffusion_model* as in SD checkpoints.
         self.model_ema = EMA(model.model, decay=ema_decay) if ema_decay is not None else None
         self.cond_stage_ema = (
@@ -325,9 +333,15 @@ class DiffusionTrainer(pl.LightningModule):
         return params
 
     def configure_optimizers(self):
-        optimizer = torch.optim.AdamW(
-            self.trainable_parameters(), lr=self.learning_rate, weight_decay=self.weight_decay, betas=self.betas
-        )
+        params = self.trainable_parameters()
+        if self.cond_stage_lr_factor != 1.0:  # a second group only then: one-group checkpoints still resume
+            tower = [p for p in self.model.cond_stage_model.parameters() if p.requires_grad]
+            params = [
+                {"params": list(self.model.unet.parameters())},
+                {"params": tower, "lr_factor": self.cond_stage_lr_factor,
+                 "lr": self.learning_rate * self.cond_stage_lr_factor},
+            ]
+        optimizer = torch.optim.AdamW(params, lr=self.learning_rate, weight_decay=self.weight_decay, betas=self.betas)
         total_steps = self.trainer.max_steps if self.lr_schedule == "cosine" else None
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer,
