@@ -86,6 +86,19 @@ def test_frozen_and_stays_in_eval(embedders):
     assert unfrozen.encode(["a cat"]).requires_grad
 
 
+def test_frozen_parts_of_a_trained_tower_get_no_gradient():
+    """``frozen_parts: [token_embedding]``: the vocabulary table stays as built while the transformer trains."""
+    tower = FrozenOpenCLIPEmbedder(model_config=TINY_CONFIG, freeze=False, frozen_parts=["token_embedding"])
+    trainable = {name for name, p in tower.named_parameters() if p.requires_grad}
+    assert "model.token_embedding.weight" not in trainable
+    assert "model.positional_embedding" in trainable and any(".transformer." in name for name in trainable)
+    tower.encode(["a red circle"]).square().sum().backward()
+    assert tower.model.token_embedding.weight.grad is None
+    assert tower.model.transformer.resblocks[0].attn.in_proj_weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match=r"no part 'token_embeddings'.*'token_embedding'"):
+        FrozenOpenCLIPEmbedder(model_config=TINY_CONFIG, freeze=False, frozen_parts=["token_embeddings"])
+
+
 def test_tokens_and_empty_prompt(embedders):
     last, _ = embedders
     import open_clip

@@ -94,6 +94,10 @@ class FrozenOpenCLIPEmbedder(AbstractEncoder):
         device: where the model lives (tokens follow the parameters' device at call time).
         max_length: tokens per prompt (<= the model's context length; 77 for CLIP).
         freeze: no gradients and always in eval mode.
+        frozen_parts: when ``freeze`` is false, parts of the open_clip model kept without gradients, by attribute
+            name (``["token_embedding"]``: a randomly initialised tower's 49408-row vocabulary table is most of its
+            parameters, and the optimizer and EMA would pay for every row each step though a dataset's captions use
+            a few dozen).
         layer: ``"last"`` (all blocks) or ``"penultimate"`` (all but the last block, as SD 2), then ``ln_final``.
         model_config: open_clip model config (``{"embed_dim": 32, "text_cfg": {...}}``) to build a randomly
             initialised text tower without any download (tests, training from scratch).
@@ -117,6 +121,7 @@ class FrozenOpenCLIPEmbedder(AbstractEncoder):
         layer: str = "last",
         model_config: Optional[Mapping[str, Any]] = None,
         weights_path: Optional[Union[str, os.PathLike]] = None,
+        frozen_parts: Sequence[str] = (),
     ):
         super().__init__()
         if layer not in self.LAYERS:
@@ -157,6 +162,12 @@ class FrozenOpenCLIPEmbedder(AbstractEncoder):
             self.load_weights(weights_path)
         if freeze:
             self.freeze()
+        for name in frozen_parts:
+            part = getattr(self.model, name, None)
+            if not isinstance(part, (nn.Module, nn.Parameter)):
+                parts = [*dict(self.model.named_children()), *dict(self.model.named_parameters(recurse=False))]
+                raise ValueError(f"frozen_parts: the text tower has no part {name!r}; it has {sorted(parts)}")
+            part.requires_grad_(False)
 
     def _prepare_model(self, model: nn.Module) -> nn.Module:
         """The freshly built open_clip text CLIP, before it is stored as ``self.model`` (subclasses adapt it)."""
@@ -364,7 +375,7 @@ class FrozenCLIPEmbedder(FrozenOpenCLIPEmbedder):
         version: an open_clip ``pretrained`` tag (``"openai"`` is SD 1's CLIP), used only when neither
             ``model_config`` nor ``weights_path`` is given; it downloads. Default ``None``: nothing is ever
             downloaded (a Hugging Face name such as ``openai/clip-vit-large-patch14`` is not a tag).
-        device, max_length, freeze: as :class:`FrozenOpenCLIPEmbedder`.
+        device, max_length, freeze, frozen_parts: as :class:`FrozenOpenCLIPEmbedder`.
         layer: ``"last"`` (SD 1: ``last_hidden_state``) or ``"penultimate"``: the hidden state after all but the
             last block, then ``final_layer_norm``; this is "CLIP skip 2" in A1111 and ``clip_skip=1`` in diffusers
             (``hidden_states[-2]`` then ``final_layer_norm``). (SD 2's repo's ``layer="hidden"`` skips the norm:
@@ -391,11 +402,12 @@ class FrozenCLIPEmbedder(FrozenOpenCLIPEmbedder):
         layer: str = "last",
         model_config: Optional[Mapping[str, Any]] = None,
         weights_path: Optional[Union[str, os.PathLike]] = None,
+        frozen_parts: Sequence[str] = (),
     ):
         if isinstance(model_config, Mapping) and "quick_gelu" not in model_config:
             model_config = {**model_config, "quick_gelu": True}  # OpenAI CLIP's activation unless told otherwise
         super().__init__(arch=arch, version=version, device=device, max_length=max_length, freeze=freeze,
-                         layer=layer, model_config=model_config, weights_path=weights_path)
+                         layer=layer, model_config=model_config, weights_path=weights_path, frozen_parts=frozen_parts)
 
     def _prepare_model(self, model: nn.Module) -> nn.Module:
         for name in _NOT_IN_HF_TEXT:
