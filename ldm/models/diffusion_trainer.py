@@ -327,18 +327,19 @@ class DiffusionTrainer(pl.LightningModule):
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         """The UNet's parameters, and the text encoder's trainable ones when ``cond_stage_trainable``."""
-        params = list(self.model.unet.parameters())
-        if self.cond_stage_trainable:
-            params += [p for p in self.model.cond_stage_model.parameters() if p.requires_grad]
-        return params
+        return list(self.model.unet.parameters()) + self._cond_stage_trainable_parameters()
+
+    def _cond_stage_trainable_parameters(self) -> list[torch.nn.Parameter]:
+        if not self.cond_stage_trainable:
+            return []
+        return [p for p in self.model.cond_stage_model.parameters() if p.requires_grad]
 
     def configure_optimizers(self):
         params = self.trainable_parameters()
         if self.cond_stage_lr_factor != 1.0:  # a second group only then: one-group checkpoints still resume
-            tower = [p for p in self.model.cond_stage_model.parameters() if p.requires_grad]
             params = [
                 {"params": list(self.model.unet.parameters())},
-                {"params": tower, "lr_factor": self.cond_stage_lr_factor,
+                {"params": self._cond_stage_trainable_parameters(), "lr_factor": self.cond_stage_lr_factor,
                  "lr": self.learning_rate * self.cond_stage_lr_factor},
             ]
         optimizer = torch.optim.AdamW(params, lr=self.learning_rate, weight_decay=self.weight_decay, betas=self.betas)
