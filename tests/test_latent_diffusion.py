@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from ldm.checkpoint import read_safetensors_metadata
 from ldm.models.diffusion_trainer import DiffusionTrainer
 from ldm.models.latent_diffusion import LatentDiffusion
-from ldm.util import load_config, to_container
+from ldm.util import ConfigError, load_config, to_container
 from scripts import train_diffusion, txt2img
 from tests.helpers import TINY_DIFFUSION_CONFIG as CONFIG
 from tests.helpers import TinyCaptionedImages
@@ -480,3 +480,65 @@ def test_compiled_unet_trains_like_the_plain_one_and_leaves_checkpoint_keys_alon
 def test_compile_unet_refuses_a_value_it_cannot_use(autoencoder_file):
     with pytest.raises(ValueError, match="compile_unet"):
         DiffusionTrainer(build_tiny_model(autoencoder_file), compile_unet="max-autotune")
+
+
+def _pooled_model_config(**unet_overrides):
+    config = to_container(load_config(CONFIG).model)
+    config["pooled_context"] = "mean"
+    config["unet"]["params"].update({"num_classes": "sequential", "adm_in_channels": 16, **unet_overrides})
+    return config
+
+
+def test_pooled_context_gives_every_resblock_the_mean_of_the_prompt(autoencoder_file, tmp_path):
+    torch.manual_seed(0)
+    model = train_diffusion.build_model(_pooled_model_config(), autoencoder_file).eval()
+    with torch.no_grad():  # SD zero-initialises the output convolutions: an untrained UNet would answer 0 to any y
+        for weight in model.unet.parameters():
+            if weight.ndim > 1 and not weight.any():
+                weight.normal_(std=0.05)
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 90])
+    context = model.encode_text(["a red circle", "a blue square in the top left"])
+    unet = model.unet
+    with torch.no_grad():
+        by_hand = unet(x, t, context=context, y=context.sum(dim=1) / context.shape[1])
+        assert torch.equal(model.model_fn(x, t, context), by_hand)
+        # the vector reaches the output: another y gives another prediction
+        assert not torch.allclose(unet(x, t, context=context, y=torch.zeros(2, 16)), by_hand, atol=1e-4)
+    path = tmp_path / "pooled.safetensors"
+    model.save(path)
+    rebuilt = LatentDiffusion.from_checkpoint(path).eval()
+    assert rebuilt.model.pooled_context == "mean"
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.model_fn(x, t, context), by_hand, rtol=0, atol=0)
+        images = rebuilt.sample(["a red circle"], {"name": "ddim", "num_steps": 2}, guidance_scale=3.0, height=16,
+                                width=16, generator=torch.Generator().manual_seed(0), progress=False)
+    assert images.shape == (1, 3, 16, 16) and torch.isfinite(images).all()
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"pooled_context": "max"}, "pooled_context must be one of ('mean',)"),
+        ({"unet": {"num_classes": None, "adm_in_channels": None}}, "build it with num_classes: sequential"),
+        ({"unet": {"adm_in_channels": 8}}, "adm_in_channels is 8, the pooled context has context_dim=16"),
+        ({"pooled_context": None}, "set the model's pooled_context: mean"),
+    ],
+)
+def test_pooled_context_and_the_unet_must_agree(autoencoder_file, change, message):
+    config = _pooled_model_config(**change.get("unet", {}))
+    if "pooled_context" in change:
+        config["pooled_context"] = change["pooled_context"]
+    with pytest.raises(ValueError) as error:
+        train_diffusion.build_model(config, autoencoder_file)
+    assert message in str(error.value)
+
+
+def test_pooled_context_models_are_not_exported_to_sd_or_diffusers(autoencoder_file):
+    from ldm.interop import diffusers as diffusers_interop
+    from ldm.interop.sd_config import ours_to_sd_config
+
+    model = train_diffusion.build_model(_pooled_model_config(), autoencoder_file)
+    with pytest.raises(ConfigError, match="pooled_context: SD's LatentDiffusion gives its UNet no pooled prompt"):
+        ours_to_sd_config(model.config)
+    with pytest.raises(ValueError, match="pooled_context: diffusers' text-to-image pipelines"):
+        diffusers_interop._part_configs({**model.config, "scale_factor": model.scale_factor})

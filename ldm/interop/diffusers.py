@@ -715,6 +715,9 @@ def _part_configs(config: Mapping[str, Any]) -> dict:
     """The diffusers configs our model config converts to: ``unet``, ``vae``, ``text_encoder`` (CLIPTextConfig
     keywords), ``tokenizer`` (pad token, max length), ``scheduler``."""
     config = to_container(dict(config))
+    if config.get("pooled_context") is not None:
+        raise ValueError("pooled_context: diffusers' text-to-image pipelines give the UNet no pooled prompt; this "
+                         "model cannot be converted to diffusers")
     unet_params = dict(config["unet"]["params"])
     ae = dict(config["autoencoder"]["params"])
     target, text_params, _ = _text_node(config["text_encoder"])

@@ -138,6 +138,9 @@ def ours_to_sd_config(config: Mapping[str, Any]) -> dict:
     :func:`sd_config_to_ours`. ``ConfigError`` for what SD's code cannot express (a zero-terminal-SNR or explicit-beta
     schedule, another text encoder class)."""
     config = to_container(config)
+    if config.get("pooled_context") is not None:
+        raise ConfigError("pooled_context: SD's LatentDiffusion gives its UNet no pooled prompt (no Stable Diffusion "
+                          "equivalent)")
     schedule = dict(config["schedule"].get("params") or {})
     kind = schedule.get("kind", "scaled_linear")
     if schedule.get("rescale_zero_terminal_snr") or schedule.get("betas") is not None:

@@ -24,18 +24,63 @@ from ldm.util import ConfigError, check_keys, instantiate_from_config, to_contai
 CONFIG_KEYS = ("autoencoder", "text_encoder", "unet", "schedule")
 
 # the rest a model config may hold (image_size: the pixel size it was trained at; inpainting: a 9-channel UNet)
-OPTIONAL_CONFIG_KEYS = ("scale_factor", "parameterization", "sampler_defaults", "image_size", "inpainting")
+OPTIONAL_CONFIG_KEYS = (
+    "scale_factor", "parameterization", "sampler_defaults", "image_size", "inpainting", "pooled_context"
+)
+
+
+POOLED_CONTEXT_MODES = ("mean",)
+
+
+def pool_context(context: torch.Tensor, mode: str) -> torch.Tensor:
+    """The prompt as one vector: ``y = (1/L) sum_l context[:, l]``, ``[B, L, D] -> [B, D]`` (``mode="mean"``, the
+    one mode)."""
+    return context.mean(dim=1)
 
 
 class DiffusionWrapper(nn.Module):
-    """Holds the UNet as ``diffusion_model`` (SD's key prefix ``model.diffusion_model``)."""
+    """Holds the UNet as ``diffusion_model`` (SD's key prefix ``model.diffusion_model``).
 
-    def __init__(self, diffusion_model: nn.Module):
+    ``pooled_context``: also give the UNet the pooled context as its vector conditioning ``y``
+    (:func:`pool_context`), which SD's UNet adds to the timestep embedding through ``label_emb`` (SDXL's path for
+    its pooled text embedding), so every ResBlock sees the prompt and not only the cross-attention levels."""
+
+    def __init__(self, diffusion_model: nn.Module, pooled_context: str | None = None):
         super().__init__()
         self.diffusion_model = diffusion_model
+        self.pooled_context = pooled_context
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        return self.diffusion_model(x, t, context=context)
+        if self.pooled_context is None:
+            return self.diffusion_model(x, t, context=context)
+        return self.diffusion_model(x, t, context=context, y=pool_context(context, self.pooled_context))
+
+
+def _check_pooled_context(mode: Any, unet: nn.Module) -> None:
+    """A pooled context needs a UNet built for a vector ``y`` as wide as its context, and such a UNet needs one."""
+    if mode is None:
+        if getattr(unet, "num_classes", None) is not None:
+            raise ValueError(
+                f"the UNet is built with num_classes={unet.num_classes!r} and needs a vector y, which a text-to-image "
+                "model gets from its prompt: set the model's pooled_context: mean (with num_classes: sequential)"
+            )
+        return
+    if mode not in POOLED_CONTEXT_MODES:
+        raise ValueError(f"pooled_context must be one of {POOLED_CONTEXT_MODES} or null, got {mode!r}")
+    context_dim = getattr(unet, "context_dim", None)
+    context_dim = context_dim[0] if isinstance(context_dim, (list, tuple)) else context_dim
+    label_emb = getattr(unet, "label_emb", None)
+    if getattr(unet, "num_classes", None) != "sequential" or label_emb is None:
+        raise ValueError(
+            f"pooled_context={mode!r} feeds the UNet a vector y: build it with num_classes: sequential and "
+            f"adm_in_channels: {context_dim} (the context width)"
+        )
+    width = label_emb[0][0].in_features
+    if width != context_dim:
+        raise ValueError(
+            f"pooled_context={mode!r}: the UNet's adm_in_channels is {width}, the pooled context has "
+            f"context_dim={context_dim} features"
+        )
 
 
 class LatentDiffusion(nn.Module):
@@ -52,6 +97,9 @@ class LatentDiffusion(nn.Module):
         sampler_defaults: per-sampler keyword defaults this model was trained for, e.g.
             ``{"ddim": {"timestep_spacing": "trailing"}}`` for a schedule whose last step is pure noise; an
             explicit spec overrides them. Stored in the config (``sampler_defaults``), so exports keep them.
+        pooled_context: ``"mean"`` to condition the UNet's ResBlocks on the mean of the context too
+            (:class:`DiffusionWrapper`; the UNet needs ``num_classes: sequential``, ``adm_in_channels: context_dim``).
+            Ours, not SD's: such a model does not export to SD or diffusers.
     """
 
     def __init__(
@@ -64,15 +112,17 @@ class LatentDiffusion(nn.Module):
         parameterization: str = "eps",
         config: Mapping[str, Any] | None = None,
         sampler_defaults: Mapping[str, Mapping[str, Any]] | None = None,
+        pooled_context: str | None = None,
     ):
         super().__init__()
         if parameterization not in ("eps", "x0", "v"):
             raise ValueError(f"parameterization must be 'eps', 'x0' or 'v', got {parameterization!r}")
         if not scale_factor or not float(scale_factor) > 0:
             raise ValueError(f"scale_factor must be a positive number, got {scale_factor!r}")
+        _check_pooled_context(pooled_context, unet)
         self.first_stage_model = autoencoder.eval().requires_grad_(False)
         self.cond_stage_model = text_encoder
-        self.model = DiffusionWrapper(unet)
+        self.model = DiffusionWrapper(unet, pooled_context)
         self.schedule = schedule
         self.scale_factor = float(scale_factor)
         self.parameterization = parameterization
@@ -115,6 +165,7 @@ class LatentDiffusion(nn.Module):
             parameterization=config.get("parameterization", "eps"),
             config={**config, "scale_factor": float(scale)},
             sampler_defaults=config.get("sampler_defaults"),
+            pooled_context=config.get("pooled_context"),
         )
 
     @classmethod
