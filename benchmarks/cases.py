@@ -80,8 +80,18 @@ class UNetSpec:
     train_batch: int
 
 
+# What the demo UNet has beyond SD's layout: the pooled-prompt path (the model's ``pooled_context``), which diffusers'
+# text-to-image UNet has no place for. Ours against diffusers runs the demo UNet without it.
+POOLED_PROMPT_UNET_KEYS = ("num_classes", "adm_in_channels", "use_scale_shift_norm")
+
+
+def _demo_unet_params() -> dict:
+    params = _load(DEMO_DIFFUSION_CONFIG)["model"]["unet"]["params"]
+    return {key: value for key, value in params.items() if key not in POOLED_PROMPT_UNET_KEYS}
+
+
 def unet_specs() -> dict[str, UNetSpec]:
-    demo = _load(DEMO_DIFFUSION_CONFIG)["model"]["unet"]["params"]
+    demo = _demo_unet_params()
     return {
         "demo": UNetSpec(demo, (demo["in_channels"], 16, 16), (77, demo["context_dim"]), train_batch=32),
         "sd-v1": UNetSpec(SD_V1_UNET, (4, 32, 32), (77, 768), train_batch=2),
@@ -258,8 +268,10 @@ def vae_decode(name: str, impl: str = "both", perturb: bool = True) -> Work:
 
 
 def demo_model_config(scale_factor: float = 1.0) -> dict:
-    """The LatentDiffusion config the demo checkpoint carries, built from the demo YAML files."""
-    diffusion = _load(DEMO_DIFFUSION_CONFIG)["model"]
+    """The LatentDiffusion config the demo checkpoint carries, built from the demo YAML files (without the pooled
+    prompt, as the shipped weights were trained)."""
+    diffusion = {key: value for key, value in _load(DEMO_DIFFUSION_CONFIG)["model"].items() if key != "pooled_context"}
+    diffusion["unet"] = {**diffusion["unet"], "params": _demo_unet_params()}
     ae = _load(DEMO_AUTOENCODER_CONFIG)["model"]["params"]
     return {
         **diffusion,

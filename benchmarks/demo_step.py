@@ -55,6 +55,7 @@ def parse_variant(text: str) -> dict[str, Any]:
 
 def make_step(config: Any, variant: dict[str, Any], seed: int = 0) -> Callable[[], float]:
     """A closure running one training step of the config's UNet as ``variant`` changes it; returns the loss."""
+    from ldm.models.latent_diffusion import pool_context
     from ldm.util import instantiate_from_config
 
     unet_cfg = copy.deepcopy(config["model"]["unet"])
@@ -77,10 +78,12 @@ def make_step(config: Any, variant: dict[str, Any], seed: int = 0) -> Callable[[
     context = torch.randn(batch, length, int(params["context_dim"]), generator=g)
     t = torch.randint(0, 1000, (batch,), generator=g)
     target = torch.randn(x.shape, generator=g)
+    pooled = config["model"].get("pooled_context")  # the model's wrapper gives such a UNet the pooled prompt as y
 
     def step() -> float:
         optimizer.zero_grad(set_to_none=True)
-        loss = torch.nn.functional.mse_loss(forward(x, t, context=context), target)
+        y = None if pooled is None else pool_context(context, pooled)
+        loss = torch.nn.functional.mse_loss(forward(x, t, context=context, y=y), target)
         loss.backward()
         optimizer.step()
         return float(loss.detach())

@@ -1,6 +1,7 @@
 """benchmarks/demo_step.py: variant parsing and one timed run on the tiny config."""
 
 import json
+import math
 
 import pytest
 
@@ -31,3 +32,12 @@ def test_timed_run_reports_each_variant(tmp_path):
     assert all(row["repeats"] == 3 and row["ms_per_step"] > 0 for row in rows.values())  # 2 rounded up to 3 x 1
     assert rows["batch=8"]["images_per_s"] == pytest.approx(8 / rows["batch=8"]["ms_per_step"] * 1e3)
     assert rows["base"]["images_per_s"] == pytest.approx(4 / rows["base"]["ms_per_step"] * 1e3)  # the config's 4
+
+
+def test_the_demo_config_step_gives_its_unet_the_pooled_prompt():
+    from ldm.util import load_config, to_container
+
+    config = to_container(load_config("configs/demo/diffusion.yaml"))
+    assert config["model"]["pooled_context"] == "mean"  # the demo's UNet needs y: the step must pass it
+    step = demo_step.make_step(config, {"batch": 2})
+    assert math.isfinite(step()) and math.isfinite(step())
