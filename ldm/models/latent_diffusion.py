@@ -29,13 +29,13 @@ OPTIONAL_CONFIG_KEYS = (
 )
 
 
-POOLED_CONTEXT_MODES = ("mean",)
+# ``pooled_context`` modes: the prompt as one vector, ``[B, L, D] -> [B, D]``; "mean": ``y = (1/L) sum_l context[:, l]``
+POOLINGS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"mean": lambda context: context.mean(dim=1)}
 
 
 def pool_context(context: torch.Tensor, mode: str) -> torch.Tensor:
-    """The prompt as one vector: ``y = (1/L) sum_l context[:, l]``, ``[B, L, D] -> [B, D]`` (``mode="mean"``, the
-    one mode)."""
-    return context.mean(dim=1)
+    """The prompt as one vector by the ``pooled_context`` mode ``mode`` (:data:`POOLINGS`): ``[B, L, D] -> [B, D]``."""
+    return POOLINGS[mode](context)
 
 
 class DiffusionWrapper(nn.Module):
@@ -65,8 +65,8 @@ def _check_pooled_context(mode: Any, unet: nn.Module) -> None:
                 "model gets from its prompt: set the model's pooled_context: mean (with num_classes: sequential)"
             )
         return
-    if mode not in POOLED_CONTEXT_MODES:
-        raise ValueError(f"pooled_context must be one of {POOLED_CONTEXT_MODES} or null, got {mode!r}")
+    if mode not in POOLINGS:
+        raise ValueError(f"pooled_context must be one of {tuple(POOLINGS)} or null, got {mode!r}")
     context_dim = getattr(unet, "context_dim", None)
     context_dim = context_dim[0] if isinstance(context_dim, (list, tuple)) else context_dim
     label_emb = getattr(unet, "label_emb", None)
