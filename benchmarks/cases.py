@@ -45,7 +45,9 @@ class Work:
     per: str = ""  # unit of the per-item time ("image"), empty: per call
     items: int = 1  # items per call (times are divided by it when ``per`` is set)
     flops_fn: Optional[Callable[[], Any]] = None  # one call of ours, for FlopCounterMode
-    make_variants: Optional[Callable[[], dict]] = None  # our alternative settings: {name: callable}
+    make_variants: Optional[Callable[..., dict]] = None  # our alternative settings: {name: callable}
+    # diffusers' speed settings under the same names as ours, so each of ours is timed against its like
+    make_their_variants: Optional[Callable[..., dict]] = None
     note: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -112,11 +114,20 @@ def _their_unet(spec: UNetSpec, ours):
     return to_diffusers_unet(spec.params, state, sample_size=spec.latent[-1])
 
 
-def _compiled_copy(module: torch.nn.Module) -> torch.nn.Module:
-    """A ``torch.compile``d copy (``nn.Module.compile``: TorchInductor, C++ kernels on the CPU)."""
-    copied = copy.deepcopy(module)
-    copied.compile(dynamic=False)
-    return copied
+def _compiled(module: torch.nn.Module) -> torch.nn.Module:
+    """``module`` behind ``torch.compile`` (TorchInductor, C++ kernels on the CPU), sharing its weights: no copy, so
+    an SD-sized UNet is held once however many settings time it."""
+    return torch.compile(module, dynamic=False)
+
+
+def _speed_settings(call: Callable[..., torch.Tensor], module: torch.nn.Module, compile: bool) -> dict:
+    """The settings both implementations get: ``call(module, bf16)`` in bf16 autocast, compiled, and both."""
+    found = {"bf16 autocast": lambda: call(module, True)}
+    if compile:
+        compiled = _compiled(module)
+        found["torch.compile"] = lambda: call(compiled, False)
+        found["torch.compile + bf16 autocast"] = lambda: call(compiled, True)
+    return found
 
 
 def _unet_infer(unet, x, t, context, bf16: bool = False) -> torch.Tensor:
@@ -124,9 +135,9 @@ def _unet_infer(unet, x, t, context, bf16: bool = False) -> torch.Tensor:
         return unet(x, t, context=context).float()
 
 
-def _their_unet_infer(unet, x, t, context) -> torch.Tensor:
-    with torch.inference_mode():
-        return unet(x, t, encoder_hidden_states=context).sample
+def _their_unet_infer(unet, x, t, context, bf16: bool = False) -> torch.Tensor:
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        return unet(x, t, encoder_hidden_states=context).sample.float()
 
 
 def _shape(shape) -> str:
@@ -149,23 +160,18 @@ def unet_step(name: str, impl: str = "both", perturb: bool = True) -> Work:
         work.flops_fn = work.ours
 
         def variants(compile: bool = True) -> dict:
-            # Copies, so the default-layout model stays as it is for the round-robin against it.
+            # A copy, so the default-layout model stays as it is for the round-robin against it.
             channels_last = copy.deepcopy(ours).to(memory_format=torch.channels_last)
             x_cl = x.contiguous(memory_format=torch.channels_last)
-            found = {
-                "bf16 autocast": lambda: _unet_infer(ours, x, t, context, bf16=True),
-                "channels_last": lambda: _unet_infer(channels_last, x_cl, t, context),
-            }
-            if compile:
-                compiled = _compiled_copy(ours)
-                found["torch.compile"] = lambda: _unet_infer(compiled, x, t, context)
-                found["torch.compile + bf16 autocast"] = lambda: _unet_infer(compiled, x, t, context, bf16=True)
-            return found
+            return {**_speed_settings(lambda m, bf16: _unet_infer(m, x, t, context, bf16), ours, compile),
+                    "channels_last": lambda: _unet_infer(channels_last, x_cl, t, context)}
 
         work.make_variants = variants
     if impl in ("both", "diffusers"):
         theirs = _their_unet(spec, ours)
         work.theirs = lambda: _their_unet_infer(theirs, x, t, context)
+        work.make_their_variants = lambda compile=True: _speed_settings(
+            lambda m, bf16: _their_unet_infer(m, x, t, context, bf16), theirs, compile)
     return work
 
 
@@ -186,24 +192,31 @@ def unet_train(name: str, impl: str = "both", perturb: bool = True) -> Work:
         ours = _our_unet(spec.params, perturb).train()
         our_params = list(ours.parameters())
 
-        def our_step() -> torch.Tensor:
+        def our_step(model=ours, bf16: bool = False) -> torch.Tensor:
+            # bf16 as Lightning's bf16-mixed: the forward in autocast, the loss and backward outside it
             for p in our_params:
                 p.grad = None
-            F.mse_loss(ours(x, t, context=context), target).backward()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                out = model(x, t, context=context)
+            F.mse_loss(out.float(), target).backward()
             return ours.input_blocks[0][0].weight.grad
 
         work.ours = work.flops_fn = our_step
+        work.make_variants = lambda compile=True: _speed_settings(our_step, ours, compile)
     if impl in ("both", "diffusers"):
         theirs = _their_unet(spec, ours).train()
         their_params = list(theirs.parameters())
 
-        def their_step() -> torch.Tensor:
+        def their_step(model=theirs, bf16: bool = False) -> torch.Tensor:
             for p in their_params:
                 p.grad = None
-            F.mse_loss(theirs(x, t, encoder_hidden_states=context).sample, target).backward()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                out = model(x, t, encoder_hidden_states=context).sample
+            F.mse_loss(out.float(), target).backward()
             return theirs.conv_in.weight.grad
 
         work.theirs = their_step
+        work.make_their_variants = lambda compile=True: _speed_settings(their_step, theirs, compile)
     return work
 
 
@@ -234,34 +247,40 @@ def vae_decode(name: str, impl: str = "both", perturb: bool = True) -> Work:
 
         def decode_with(model, bf16: bool = False) -> torch.Tensor:
             with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                return model.decode(z).float()
+                return model(z).float()
 
-        work.ours = lambda: decode_with(ours)
+        decoder = _Decode(ours)
+        work.ours = lambda: decode_with(decoder)
 
         def variants(compile: bool = True) -> dict:
-            channels_last = copy.deepcopy(ours).to(memory_format=torch.channels_last)
-            found = {
-                "bf16 autocast": lambda: decode_with(ours, bf16=True),
-                "channels_last": lambda: decode_with(channels_last),
-            }
-            if compile:
-                compiled = copy.deepcopy(ours)
-                compiled.decoder.compile(dynamic=False)
-                compiled.post_quant_conv.compile(dynamic=False)
-                found["torch.compile"] = lambda: decode_with(compiled)
-                found["torch.compile + bf16 autocast"] = lambda: decode_with(compiled, bf16=True)
-            return found
+            channels_last = _Decode(copy.deepcopy(ours).to(memory_format=torch.channels_last))
+            return {**_speed_settings(decode_with, decoder, compile),
+                    "channels_last": lambda: decode_with(channels_last)}
 
         work.make_variants = variants
     if impl in ("both", "diffusers"):
-        theirs = to_diffusers_vae(ddconfig, embed_dim, None if ours is None else ours.state_dict())
+        theirs = _Decode(to_diffusers_vae(ddconfig, embed_dim, None if ours is None else ours.state_dict()))
 
-        def their_decode() -> torch.Tensor:
-            with torch.inference_mode():
-                return theirs.decode(z).sample
+        def their_decode(model=theirs, bf16: bool = False) -> torch.Tensor:
+            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                return model(z).float()
 
         work.theirs = their_decode
+        work.make_their_variants = lambda compile=True: _speed_settings(their_decode, theirs, compile)
     return work
+
+
+class _Decode(torch.nn.Module):
+    """``vae.decode(z)`` as a module's forward (diffusers' ``DecoderOutput`` unwrapped), so ``torch.compile`` takes the
+    whole decode of either implementation."""
+
+    def __init__(self, vae: torch.nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        out = self.vae.decode(z)
+        return getattr(out, "sample", out)
 
 
 # ---------------------------------------------------------------------------------------------------- txt2img
@@ -339,7 +358,8 @@ def txt2img(impl: str = "both", n_images: int = 4, perturb: bool = True, checkpo
             if compile:
                 compiled = prepare_for_inference(copy.deepcopy(model), channels_last=False, compile=True)
                 found["torch.compile"] = lambda: generate_with(compiled)
-                found["torch.compile + bf16 autocast (UNet)"] = lambda: generate_with(compiled, autocast_for("cpu", "bf16"))
+                found["torch.compile + bf16 autocast (UNet)"] = lambda: generate_with(compiled,
+                                                                                      autocast_for("cpu", "bf16"))
             return found
 
         work.make_variants = variants
@@ -361,7 +381,7 @@ def txt2img(impl: str = "both", n_images: int = 4, perturb: bool = True, checkpo
         empty: list = []  # the empty prompt's context, computed once (as ours caches it)
 
         @torch.no_grad()
-        def their_generate() -> torch.Tensor:
+        def their_generate(unet=unet, decoder=vae.decoder, bf16: bool = False) -> torch.Tensor:
             context = encode(prompts)
             if not empty:
                 empty.append(encode([""]))
@@ -369,12 +389,25 @@ def txt2img(impl: str = "both", n_images: int = 4, perturb: bool = True, checkpo
             x = seeded_noise(latent_shape, seeds) * scheduler.init_noise_sigma
             scheduler.set_timesteps(DDIM_STEPS)
             for t in scheduler.timesteps:
-                out = unet(torch.cat([x, x]), t, encoder_hidden_states=both).sample
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):  # the UNet only, as ours
+                    out = unet(torch.cat([x, x]), t, encoder_hidden_states=both).sample.float()
                 out_u, out_c = out.chunk(2)
                 x = scheduler.step(out_u + GUIDANCE_SCALE * (out_c - out_u), t, x).prev_sample
-            return vae.decode(x / vae.config.scaling_factor).sample.clamp(-1, 1)
+            return decoder(vae.post_quant_conv(x / vae.config.scaling_factor)).clamp(-1, 1)
 
         work.theirs = their_generate
+
+        def their_variants(compile: bool = True) -> dict:
+            # named as ours: ours compiles the UNet and the decoder (ldm.inference.prepare_for_inference)
+            found = {"bf16 autocast (UNet)": lambda: their_generate(bf16=True)}
+            if compile:
+                compiled_unet, compiled_decoder = _compiled(unet), _compiled(vae.decoder)
+                found["torch.compile"] = lambda: their_generate(compiled_unet, compiled_decoder)
+                found["torch.compile + bf16 autocast (UNet)"] = lambda: their_generate(compiled_unet, compiled_decoder,
+                                                                                       bf16=True)
+            return found
+
+        work.make_their_variants = their_variants
     return work
 
 

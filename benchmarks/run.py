@@ -9,12 +9,14 @@ Per case (see ``benchmarks/cases.py``): the diffusers model gets our weights thr
 LDM-checkpoint converters (``benchmarks/diffusers_compat.py``), both outputs are compared (max abs diff, and
 relative to the largest output value), then ours and diffusers' are called in turn (ours, theirs, ours, ...)
 after warm-up, and the medians are reported with their ratio. The UNet step and training step also get their
-FLOPs counted (``FlopCounterMode``) and set against the measured rate of a 2048^3 fp32 matmul. Our UNet step,
-VAE decode and txt2img are also timed with the speed settings of ``ldm/inference.py`` (bf16 autocast,
-channels_last, ``torch.compile``), each in the same round-robin as diffusers, so each gets its own ratio and its
-difference from our fp32 output. ``--no-compile`` skips the compiled settings (compiling takes minutes here). Peak resident memory is measured per case and
-implementation in a fresh subprocess (its ``VmHWM``, the peak that ``ru_maxrss`` would give but for the parent's
-RSS that Linux carries over fork + exec), reported as growth over that process's RSS after its imports.
+FLOPs counted (``FlopCounterMode``) and set against the measured rate of a 2048^3 fp32 matmul. Each case is also
+timed at the speed settings (bf16 autocast, ``torch.compile``, both; for ours also channels_last), ours and
+diffusers' alike, all in one round-robin: each of our settings gets its ratio against diffusers at the same setting
+(like with like) and its difference from our fp32 output, and a last row sets each side's fastest setting against
+the other's. ``--no-compile`` skips the compiled settings (compiling takes minutes here). Peak resident memory is
+measured per case and implementation in a fresh subprocess (its ``VmHWM``, the peak that ``ru_maxrss`` would give
+but for the parent's RSS that Linux carries over fork + exec), reported as growth over that process's RSS after its
+imports.
 
 ``--quick`` (a smoke run): fewer repeats, one image for txt2img, no SD-v1-shaped training step.
 """
@@ -191,35 +193,63 @@ def run_case(case: str, args, settings: Settings, use_diffusers: bool, peak_gflo
 
 
 def time_variants(work, reference, row: Row, settings: Settings, peak_gflops: float, compile: bool = True) -> list[Row]:
-    """Our speed settings (bf16 autocast, channels_last, torch.compile), round-robin with our fp32 default and
-    with diffusers (when it runs), so each setting gets its own ours/diffusers ratio."""
+    """Our speed settings (bf16 autocast, channels_last, torch.compile) and diffusers' (the same names, where it has
+    them), all in one round-robin with our fp32 default: each of ours gets its ratio against diffusers at the same
+    setting (like with like), a setting diffusers lacks against diffusers' fp32; then the best of each side."""
     from benchmarks.diffusers_compat import max_abs_diff
 
-    log.info("  our speed settings%s ...", " (compiling first)" if compile else "")
+    log.info("  speed settings%s ...", " (compiling first)" if compile else "")
     variants = work.make_variants(compile=compile)
+    their_variants = {}
+    if work.theirs is not None and work.make_their_variants is not None:
+        their_variants = work.make_their_variants(compile=compile)
     scale = float(reference.abs().max())
     diffs = {name: max_abs_diff(reference, fn()) for name, fn in variants.items()}  # also compiles
-    fns = {"fp32": work.ours, **({"diffusers": work.theirs} if work.theirs is not None else {}), **variants}
+    their_diffs = {name: max_abs_diff(reference, fn()) for name, fn in their_variants.items()}
+    fns = {"fp32": work.ours, **({"diffusers": work.theirs} if work.theirs is not None else {}), **variants,
+           **{f"diffusers, {name}": fn for name, fn in their_variants.items()}}
     times = harness.alternate(fns, settings.warmup, settings.min_repeats, settings.max_repeats, settings.budget_s)
-    base = harness.median_or_none(times["fp32"])
-    theirs = harness.median_or_none(times.get("diffusers", []))
+    medians = {name: harness.median_or_none(t) for name, t in times.items()}
+    base = medians["fp32"]
     rows = []
     for name in variants:
-        t = harness.median_or_none(times[name])
-        variant = Row(case=row.case, setting=row.setting, impl=f"ours, {name}", per=row.per, ours_s=t / work.items,
+        t = medians[name]
+        like = f"diffusers, {name}" if name in their_variants else "diffusers"
+        impl = f"ours, {name}" + ("" if work.theirs is None else
+                                  f" vs {like if like != 'diffusers' else 'diffusers, fp32 default'}")
+        variant = Row(case=row.case, setting=row.setting, impl=impl, per=row.per, ours_s=t / work.items,
                       repeats=len(times[name]), compared=f"{row.compared} vs ours fp32", max_abs_diff=diffs[name],
                       flops=row.flops)
-        if theirs is not None:
-            variant.diffusers_s = theirs / work.items
-            variant.ratio = t / theirs
+        if like in medians:
+            variant.diffusers_s = medians[like] / work.items
+            variant.ratio = t / medians[like]
+            if name in their_diffs and scale > 0:
+                variant.notes.append(f"diffusers' {name} differs from ours fp32 by {their_diffs[name] / scale:.1e} "
+                                     f"(relative)")
         variant.rel_diff = diffs[name] / scale if scale > 0 else None
         if row.flops:
             variant.ours_gflops = row.flops / t / 1e9
             variant.ours_pct_peak = 100 * variant.ours_gflops / peak_gflops
-        variant.notes.append(f"diff vs ours fp32; {t / base:.2f}x the time of ours fp32 default layout "
+            if variant.diffusers_s is not None:
+                variant.diffusers_gflops = row.flops / medians[like] / 1e9
+                variant.diffusers_pct_peak = 100 * variant.diffusers_gflops / peak_gflops
+        variant.notes.append(f"{t / base:.2f}x the time of ours fp32 default layout "
                              f"({harness.fmt_time(base / work.items, row.per)} in the same round-robin)")
         rows.append(variant)
+    if their_variants:
+        theirs = ["diffusers", *(f"diffusers, {name}" for name in their_variants)]
+        rows.append(best_of_each(row, medians, list(variants), theirs, work.items))
     return rows
+
+
+def best_of_each(row: Row, medians: dict, ours: list, theirs: list, items: int) -> Row:
+    """Each side at its fastest setting (the fp32 defaults included), from one round-robin."""
+    ours_best = min(["fp32", *ours], key=lambda name: medians[name])
+    theirs_best = min(theirs, key=lambda name: medians[name])
+    theirs_name = "diffusers, fp32" if theirs_best == "diffusers" else theirs_best
+    return Row(case=row.case, setting=row.setting, per=row.per, compared=row.compared,
+               impl=f"best of each: ours {ours_best} vs {theirs_name}", ours_s=medians[ours_best] / items,
+               diffusers_s=medians[theirs_best] / items, ratio=medians[ours_best] / medians[theirs_best])
 
 
 # ---------------------------------------------------------------------------------------------------- memory
