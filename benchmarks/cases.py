@@ -120,9 +120,15 @@ def _compiled(module: torch.nn.Module) -> torch.nn.Module:
     return torch.compile(module, dynamic=False)
 
 
-def _speed_settings(call: Callable[..., torch.Tensor], module: torch.nn.Module, compile: bool) -> dict:
-    """The settings both implementations get: ``call(module, bf16)`` in bf16 autocast, compiled, and both."""
+def _speed_settings(call: Callable[..., torch.Tensor], module: torch.nn.Module, compile: bool,
+                    call_bf16_weights: Optional[Callable[[torch.nn.Module], torch.Tensor]] = None) -> dict:
+    """The settings both implementations get: ``call(module, bf16)`` in bf16 autocast, compiled, and both; with
+    ``call_bf16_weights`` (inference: bf16 inputs), also on a bf16 copy of the weights, as diffusers' pipelines run
+    with ``torch_dtype=torch.bfloat16`` (autocast casts every weight on every call)."""
     found = {"bf16 autocast": lambda: call(module, True)}
+    if call_bf16_weights is not None:
+        bf16_copy = copy.deepcopy(module).to(torch.bfloat16)
+        found["bf16 weights"] = lambda: call_bf16_weights(bf16_copy)
     if compile:
         compiled = _compiled(module)
         found["torch.compile"] = lambda: call(compiled, False)
@@ -152,6 +158,7 @@ def unet_step(name: str, impl: str = "both", perturb: bool = True) -> Work:
     x = torch.randn(2, *spec.latent, generator=g)
     t = torch.full((2,), 500, dtype=torch.int64)
     context = torch.randn(2, *spec.context, generator=g)
+    x_bf16, context_bf16 = x.bfloat16(), context.bfloat16()
     work = Work(f"unet_step/{name}", f"batch 2, latents {_shape(spec.latent)}, context 2x{_shape(spec.context)}")
     ours = None
     if impl in ("both", "ours"):
@@ -163,7 +170,8 @@ def unet_step(name: str, impl: str = "both", perturb: bool = True) -> Work:
             # A copy, so the default-layout model stays as it is for the round-robin against it.
             channels_last = copy.deepcopy(ours).to(memory_format=torch.channels_last)
             x_cl = x.contiguous(memory_format=torch.channels_last)
-            return {**_speed_settings(lambda m, bf16: _unet_infer(m, x, t, context, bf16), ours, compile),
+            return {**_speed_settings(lambda m, bf16: _unet_infer(m, x, t, context, bf16), ours, compile,
+                                      lambda m: _unet_infer(m, x_bf16, t, context_bf16)),
                     "channels_last": lambda: _unet_infer(channels_last, x_cl, t, context)}
 
         work.make_variants = variants
@@ -171,7 +179,8 @@ def unet_step(name: str, impl: str = "both", perturb: bool = True) -> Work:
         theirs = _their_unet(spec, ours)
         work.theirs = lambda: _their_unet_infer(theirs, x, t, context)
         work.make_their_variants = lambda compile=True: _speed_settings(
-            lambda m, bf16: _their_unet_infer(m, x, t, context, bf16), theirs, compile)
+            lambda m, bf16: _their_unet_infer(m, x, t, context, bf16), theirs, compile,
+            lambda m: _their_unet_infer(m, x_bf16, t, context_bf16))
     return work
 
 
@@ -245,28 +254,29 @@ def vae_decode(name: str, impl: str = "both", perturb: bool = True) -> Work:
         torch.manual_seed(0)
         ours = _perturbed(AutoencoderKL(ddconfig, embed_dim), perturb).eval()
 
-        def decode_with(model, bf16: bool = False) -> torch.Tensor:
+        def decode_with(model, bf16: bool = False, latent: torch.Tensor = z) -> torch.Tensor:
             with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                return model(z).float()
+                return model(latent).float()
 
         decoder = _Decode(ours)
         work.ours = lambda: decode_with(decoder)
 
         def variants(compile: bool = True) -> dict:
             channels_last = _Decode(copy.deepcopy(ours).to(memory_format=torch.channels_last))
-            return {**_speed_settings(decode_with, decoder, compile),
+            return {**_speed_settings(decode_with, decoder, compile, lambda m: decode_with(m, latent=z.bfloat16())),
                     "channels_last": lambda: decode_with(channels_last)}
 
         work.make_variants = variants
     if impl in ("both", "diffusers"):
         theirs = _Decode(to_diffusers_vae(ddconfig, embed_dim, None if ours is None else ours.state_dict()))
 
-        def their_decode(model=theirs, bf16: bool = False) -> torch.Tensor:
+        def their_decode(model=theirs, bf16: bool = False, latent: torch.Tensor = z) -> torch.Tensor:
             with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                return model(z).float()
+                return model(latent).float()
 
         work.theirs = their_decode
-        work.make_their_variants = lambda compile=True: _speed_settings(their_decode, theirs, compile)
+        work.make_their_variants = lambda compile=True: _speed_settings(
+            their_decode, theirs, compile, lambda m: their_decode(m, latent=z.bfloat16()))
     return work
 
 

@@ -9,8 +9,10 @@ One step = the UNet's forward and backward on a batch of latents (``B x 4 x 16 x
 format and ``torch.compile`` change (encoding and the text tower are measured in README's step breakdown).
 Variants are timed round-robin in one process (``harness.alternate``), so their ratios are fair on a shared machine.
 
-A variant is ``base``, ``channels_last``, ``compile`` (inductor, default mode), ``width=N`` (model_channels N, a
-multiple of GroupNorm's 32 groups; the heads keep ``num_head_channels``) or ``batch=N``; ``+`` combines them
+A variant is ``base``, ``channels_last``, ``compile`` (inductor, default mode), ``bf16`` (the forward in bf16
+autocast, as Lightning's bf16-mixed; meaningful only on a CPU with native bf16), ``width=N`` (model_channels N, a
+multiple of GroupNorm's 32 groups; the heads keep ``num_head_channels``), ``heads=N`` (``num_head_channels`` N: more,
+narrower heads) or ``batch=N``; ``+`` combines them
 (``width=64+batch=16``).
 """
 
@@ -40,15 +42,15 @@ def parse_variant(text: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for part in filter(None, text.split("+")):
         key, _, value = part.partition("=")
-        if key in ("width", "batch"):
+        if key in ("width", "batch", "heads"):
             if not value.isdigit() or int(value) <= 0:
                 raise ValueError(f"variant {text!r}: {key} needs a positive integer, got {value!r}")
             out[key] = int(value)
-        elif key in ("channels_last", "compile") and not value:
+        elif key in ("channels_last", "compile", "bf16") and not value:
             out[key] = True
         elif key != "base" or value:
             raise ValueError(
-                f"variant {text!r}: unknown part {part!r} (base, channels_last, compile, width=N, batch=N)"
+                f"variant {text!r}: unknown part {part!r} (base, channels_last, compile, bf16, width=N, batch=N, heads=N)"
             )
     return out
 
@@ -62,6 +64,8 @@ def make_step(config: Any, variant: dict[str, Any], seed: int = 0) -> Callable[[
     params = unet_cfg["params"]
     if "width" in variant:
         params["model_channels"] = variant["width"]
+    if "heads" in variant:
+        params["num_head_channels"] = variant["heads"]
     batch = variant.get("batch", int(config["data"]["batch_size"]))
     torch.manual_seed(seed)
     unet = instantiate_from_config(unet_cfg).train()
@@ -80,10 +84,14 @@ def make_step(config: Any, variant: dict[str, Any], seed: int = 0) -> Callable[[
     target = torch.randn(x.shape, generator=g)
     pooled = config["model"].get("pooled_context")  # the model's wrapper gives such a UNet the pooled prompt as y
 
+    bf16 = bool(variant.get("bf16"))
+
     def step() -> float:
         optimizer.zero_grad(set_to_none=True)
         y = None if pooled is None else pool_context(context, pooled)
-        loss = torch.nn.functional.mse_loss(forward(x, t, context=context, y=y), target)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = forward(x, t, context=context, y=y)
+        loss = torch.nn.functional.mse_loss(out.float(), target)
         loss.backward()
         optimizer.step()
         return float(loss.detach())

@@ -13,9 +13,10 @@ def test_variants_parse_and_combine():
     assert demo_step.parse_variant("base") == {}
     assert demo_step.parse_variant("width=64+channels_last") == {"width": 64, "channels_last": True}
     assert demo_step.parse_variant("batch=16+compile") == {"batch": 16, "compile": True}
+    assert demo_step.parse_variant("heads=16+bf16") == {"heads": 16, "bf16": True}
 
 
-@pytest.mark.parametrize("bad", ["width=0", "batch=x", "fast", "channels_last=1"])
+@pytest.mark.parametrize("bad", ["width=0", "batch=x", "fast", "channels_last=1", "heads=-8"])
 def test_bad_variant_is_named(bad):
     with pytest.raises(ValueError, match=bad.split("=")[0]):
         demo_step.parse_variant(bad)
