@@ -50,7 +50,8 @@ def parse_variant(text: str) -> dict[str, Any]:
             out[key] = True
         elif key != "base" or value:
             raise ValueError(
-                f"variant {text!r}: unknown part {part!r} (base, channels_last, compile, bf16, width=N, batch=N, heads=N)"
+                f"variant {text!r}: unknown part {part!r} "
+                "(base, channels_last, compile, bf16, width=N, batch=N, heads=N)"
             )
     return out
 
