@@ -255,6 +255,19 @@ def test_spatial_transformer_channels_last(use_linear):
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_spatial_transformer_proj_out_sees_the_input_layout(channels_last):
+    """proj_out (the 1x1 conv) gets the input's memory format, not a channels_last view of a contiguous input:
+    mixed layouts there made the bf16 SD-v1 training step 13% slower."""
+    st = SpatialTransformer(32, 2, 16, context_dim=8).eval()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    st = st.to(memory_format=fmt)
+    seen = []
+    st.proj_out.register_forward_pre_hook(lambda module, args: seen.append(args[0].is_contiguous(memory_format=fmt)))
+    st(torch.randn(2, 32, 4, 6).contiguous(memory_format=fmt), torch.randn(2, 3, 8))
+    assert seen == [True]
+
+
 def test_transformer_block_checkpoint_same_gradients():
     torch.manual_seed(1)
     block = BasicTransformerBlock(16, 2, 8, context_dim=12, checkpoint=False).double()
